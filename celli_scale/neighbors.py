@@ -1,0 +1,226 @@
+"""Neighbor lists with fixed capacity for jit and explicit overflow detection.
+
+Two builders, one result type (:class:`NeighborList`, a pytree):
+
+* :func:`neighbor_list` — host side (outside jit), exact for open, orthorhombic and
+  triclinic cells and any cut-off (several periodic images when the cut-off exceeds
+  half the cell). O(N) via a k-d tree. It regrows automatically: a too-small
+  ``capacity`` is replaced by a larger one.
+* :func:`neighbor_list_fn` — a jit-able rebuild for a fixed cell shape and capacity
+  (dense O(N² · images), for small systems and MD inside jit). When more pairs exist
+  than the capacity holds, the result's ``did_buffer_overflow`` is True; the host-side
+  caller must then rebuild (:func:`check_overflow` raises). Pairs are never silently
+  dropped.
+
+Written by hand rather than with ``jax_md.partition``: jax-md's cell lists assume the
+minimum-image convention (cut-off < half the cell) and have no triclinic multi-image
+support, both of which small periodic training cells need.
+
+Convention: ``r_ij = x[receivers] - x[senders] + shifts @ cell``; ``senders`` is the
+centre atom ``i``. Padded entries have ``mask == False`` and point at atom 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from celli_scale import cell as cellmod
+from celli_scale.system import Batch, System
+
+
+class NeighborListOverflowError(ValueError):
+    """More pairs exist than the neighbor list's capacity holds."""
+
+
+@struct.dataclass
+class NeighborList:
+    """Directed pairs within ``r_cut``, padded to a fixed capacity.
+
+    Attributes:
+      senders: ``(E,)`` int32 centre atoms ``i``.
+      receivers: ``(E,)`` int32 neighbour atoms ``j``.
+      shifts: ``(E, 3)`` integer-valued image shifts (stored as float for ``@ cell``).
+      mask: ``(E,)`` bool, True for real pairs.
+      n_pairs: ``()`` int32 number of pairs that exist (may exceed capacity → overflow).
+      r_cut: cut-off radius in Å (static).
+    """
+
+    senders: jax.Array
+    receivers: jax.Array
+    shifts: jax.Array
+    mask: jax.Array
+    n_pairs: jax.Array
+    r_cut: float = struct.field(pytree_node=False)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.senders.shape[-1])
+
+    @property
+    def did_buffer_overflow(self) -> jax.Array:
+        return self.n_pairs > self.capacity
+
+
+def check_overflow(nl: NeighborList) -> None:
+    """Host-side check: raise :class:`NeighborListOverflowError` if pairs were dropped."""
+    n = np.asarray(nl.n_pairs)
+    if np.any(n > nl.capacity):
+        raise NeighborListOverflowError(
+            f"neighbor list overflow: {int(n.max())} pairs within r_cut={nl.r_cut} Å but "
+            f"capacity is {nl.capacity}; rebuild with a larger capacity"
+        )
+
+
+def _pad_pairs(i, j, s, capacity: int, dtype) -> dict[str, Any]:
+    n = i.size
+    senders = np.zeros(capacity, dtype=np.int32)
+    receivers = np.zeros(capacity, dtype=np.int32)
+    shifts = np.zeros((capacity, 3), dtype=dtype)
+    mask = np.zeros(capacity, dtype=bool)
+    senders[:n], receivers[:n], shifts[:n], mask[:n] = i, j, s, True
+    return dict(senders=senders, receivers=receivers, shifts=shifts, mask=mask)
+
+
+def _grown(n: int, capacity: int | None, growth: float) -> int:
+    if capacity is not None and capacity >= n:
+        return int(capacity)
+    return max(int(np.ceil(n * growth)), 1)
+
+
+def neighbor_list(
+    system: System,
+    r_cut: float,
+    capacity: int | None = None,
+    *,
+    growth: float = 1.0,
+) -> NeighborList:
+    """Host-side exact neighbor list of a concrete ``system``.
+
+    Args:
+      system: structure with concrete positions (Å).
+      r_cut: cut-off radius (Å); pairs with ``0 < r < r_cut``.
+      capacity: padded number of pairs; grown automatically if too small (by ``growth``).
+      growth: when growing, allocate ``ceil(n_pairs * growth)`` slots.
+
+    Returns:
+      A :class:`NeighborList` that never overflows.
+    """
+    if not r_cut > 0:
+        raise ValueError(f"r_cut must be positive, got {r_cut}")
+    if isinstance(system.positions, jax.core.Tracer):
+        raise ValueError(
+            "neighbor_list needs concrete positions; inside jit use neighbor_list_fn"
+        )
+    pos = np.asarray(system.positions, dtype=float)
+    cell = None if system.cell is None else np.asarray(system.cell, dtype=float)
+    i, j, s, _ = cellmod.host_pairs(pos, cell, system.pbc, r_cut)
+    cap = _grown(i.size, capacity, growth)
+    arrays = _pad_pairs(i, j, s, cap, system.positions.dtype)
+    return NeighborList(
+        **{k: jnp.asarray(v) for k, v in arrays.items()},
+        n_pairs=jnp.asarray(i.size, dtype=jnp.int32),
+        r_cut=float(r_cut),
+    )
+
+
+def neighbor_list_batch(
+    batch: Batch, r_cut: float, capacity: int | None = None, *, growth: float = 1.0
+) -> NeighborList:
+    """Neighbor lists of every system in ``batch``, stacked to ``(B, E)`` with one capacity.
+
+    Indices are per system (into that system's padded atoms). Padding atoms never appear.
+    """
+    lists = []
+    for k in range(batch.n_systems):
+        m = np.asarray(batch.mask[k])
+        idx = np.flatnonzero(m)
+        cell = np.asarray(batch.cell[k], dtype=float)
+        periodic = any(batch.pbc[k])
+        i, j, s, _ = cellmod.host_pairs(
+            np.asarray(batch.positions[k], dtype=float)[idx],
+            cell if periodic else None,
+            batch.pbc[k],
+            r_cut,
+        )
+        lists.append((idx[i], idx[j], s))
+    n_max = max(x[0].size for x in lists)
+    cap = _grown(n_max, capacity, growth)
+    dtype = batch.positions.dtype
+    padded = [_pad_pairs(i, j, s, cap, dtype) for i, j, s in lists]
+    return NeighborList(
+        **{k: jnp.asarray(np.stack([p[k] for p in padded])) for k in padded[0]},
+        n_pairs=jnp.asarray([x[0].size for x in lists], dtype=jnp.int32),
+        r_cut=float(r_cut),
+    )
+
+
+def edge_vectors(positions: jax.Array, cell: jax.Array | None, nl: NeighborList) -> jax.Array:
+    """``(E, 3)`` vectors ``r_ij`` (Å) from centre ``i`` to neighbour ``j``; differentiable
+    w.r.t. positions and cell. Padded entries hold the vector of atom 0 to itself (zero)."""
+    vec = positions[nl.receivers] - positions[nl.senders]
+    if cell is not None:
+        vec = vec + nl.shifts.astype(positions.dtype) @ cell
+    return vec
+
+
+def neighbor_list_fn(
+    r_cut: float,
+    capacity: int,
+    cell: Any | None = None,
+    pbc: Any = False,
+    *,
+    cell_margin: float = 0.1,
+):
+    """A jit-able neighbor-list builder for a fixed capacity and (roughly) fixed cell.
+
+    The set of periodic images searched is chosen here, on the host, from ``cell`` with
+    a relative ``cell_margin`` so that small cell deformations stay exact. Cost is
+    O(N² · images): meant for small systems and MD inside jit; large systems use
+    :func:`neighbor_list` on the host.
+
+    Returns:
+      ``build(positions, cell=None) -> NeighborList``; its ``did_buffer_overflow`` is set
+      when more than ``capacity`` pairs exist (the host must rebuild; see
+      :func:`check_overflow`).
+    """
+    pbc_t = tuple(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).tolist())
+    periodic = cell is not None and any(pbc_t)
+    if periodic:
+        cell_np = np.asarray(cell, dtype=float)
+        shifts = cellmod.image_shifts(cell_np, pbc_t, r_cut * (1 + cell_margin))
+    else:
+        shifts = np.zeros((1, 3), dtype=int)
+    shifts_f = jnp.asarray(shifts, dtype=jnp.float64 if jax.config.jax_enable_x64 else None)
+    n_img = shifts.shape[0]
+    r_cut_f = float(r_cut)
+
+    def build(positions: jax.Array, cell_now: jax.Array | None = None) -> NeighborList:
+        n = positions.shape[0]
+        c = cell_now if cell_now is not None else (jnp.asarray(cell) if periodic else None)
+        img = (shifts_f.astype(positions.dtype) @ c) if periodic else jnp.zeros((1, 3), positions.dtype)
+        vec = positions[None, :, None, :] - positions[:, None, None, :] + img[None, None, :, :]
+        d2 = jnp.sum(vec**2, axis=-1)  # (i, j, s)
+        self_pair = jnp.eye(n, dtype=bool)[:, :, None] & jnp.all(shifts_f == 0, axis=1)[None, None, :]
+        inside = (d2 < r_cut_f**2) & ~self_pair
+        flat = inside.reshape(-1)
+        n_pairs = jnp.sum(flat, dtype=jnp.int32)
+        (idx,) = jnp.nonzero(flat, size=capacity, fill_value=0)
+        valid = jnp.arange(capacity) < n_pairs
+        i = idx // (n * n_img)
+        j = (idx // n_img) % n
+        s = idx % n_img
+        return NeighborList(
+            senders=jnp.where(valid, i, 0).astype(jnp.int32),
+            receivers=jnp.where(valid, j, 0).astype(jnp.int32),
+            shifts=jnp.where(valid[:, None], shifts_f[s], 0).astype(positions.dtype),
+            mask=valid,
+            n_pairs=n_pairs,
+            r_cut=r_cut_f,
+        )
+
+    return build
