@@ -1,0 +1,70 @@
+"""Models: Allegro (strictly local), CELLI (Allegro + charge equilibration), and the
+message-passing baselines NequIP and MACE. All are flax modules, pure functions of
+``(params, graph)``: ``model.apply(params, graph) -> ModelOutput``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from flax import struct
+import jax
+
+from celli_scale.models.config import ModelConfig
+from celli_scale.models.layers import Graph
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a model returns for one (padded) graph.
+
+    energy: ``()`` total energy (eV); node_energies: ``(N,)`` local atomic energies (eV,
+    zero on padding); charges: ``(N,)`` atomic charges (e) for charge-aware models, else None;
+    elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None.
+    """
+
+    energy: jax.Array
+    node_energies: jax.Array
+    charges: jax.Array | None = None
+    elec_energy: jax.Array | None = None
+
+
+# name -> (module, config class, model class)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "allegro": ("celli_scale.models.allegro", "AllegroConfig", "Allegro"),
+    "celli": ("celli_scale.models.celli", "CELLIConfig", "CELLI"),
+    "nequip": ("celli_scale.models.nequip", "NequIPConfig", "NequIP"),
+    "mace": ("celli_scale.models.mace", "MACEConfig", "MACE"),
+}
+
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; choose one of {list(_REGISTRY)}")
+    mod, cfg, cls = _REGISTRY[name]
+    m = importlib.import_module(mod)
+    return getattr(m, cfg), getattr(m, cls)
+
+
+def make_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
+    """Resolve a dict (or config dataclass) into the model's frozen config dataclass."""
+    if isinstance(config, ModelConfig):
+        return config
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError("model config must be a dict with a 'name' key (allegro|celli|nequip|mace)")
+    cfg_cls, _ = _lookup(config["name"])
+    return cfg_cls.from_dict(dict(config))
+
+
+def build(config: dict[str, Any] | ModelConfig):
+    """Build a flax model from a config dict or dataclass (``species`` must be set)."""
+    cfg = make_config(config)
+    _, model_cls = _lookup(cfg.name)
+    cfg.n_species  # raises a clear error if species is unknown
+    return model_cls(cfg)
+
+
+__all__ = ["Graph", "MODEL_NAMES", "ModelConfig", "ModelOutput", "build", "make_config"]
