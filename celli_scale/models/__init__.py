@@ -21,13 +21,16 @@ class ModelOutput:
 
     energy: ``()`` total energy (eV); node_energies: ``(N,)`` local atomic energies (eV,
     zero on padding); charges: ``(N,)`` atomic charges (e) for charge-aware models, else None;
-    elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None.
+    elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
+    qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
+    the host checks against the tolerance (a solve cannot raise inside jit).
     """
 
     energy: jax.Array
     node_energies: jax.Array
     charges: jax.Array | None = None
     elec_energy: jax.Array | None = None
+    qeq_residual: jax.Array | None = None
 
 
 # name -> (module, config class, model class)
