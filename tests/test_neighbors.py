@@ -1,0 +1,133 @@
+"""Neighbor lists against ASE's reference implementation, overflow handling, padding."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+import celli_scale as cs
+from celli_scale import neighbors as nb
+
+
+def _pair_set(i, j, s):
+    s = np.rint(np.asarray(s)).astype(int)
+    return set(zip(np.asarray(i).tolist(), np.asarray(j).tolist(), map(tuple, s.tolist())))
+
+
+def _ase_set(system: cs.System, r_cut: float):
+    i, j, s = ase_neighbor_list("ijS", system.to_ase(), r_cut)
+    return _pair_set(i, j, s)
+
+
+def _nl_set(nl: nb.NeighborList):
+    m = np.asarray(nl.mask)
+    return _pair_set(np.asarray(nl.senders)[m], np.asarray(nl.receivers)[m], np.asarray(nl.shifts)[m])
+
+
+def _random_system(kind: str, n: int, seed: int) -> cs.System:
+    rng = np.random.default_rng(seed)
+    if kind == "open":
+        return cs.System(rng.uniform(0, 6, (n, 3)), np.full(n, 8), min_distance=0.0)
+    if kind == "ortho":
+        cell = np.diag([5.0, 6.0, 7.5])
+    elif kind == "triclinic":
+        # strongly sheared: plane heights well below the vector lengths
+        cell = np.array([[4.0, 0.0, 0.0], [3.1, 3.2, 0.0], [-2.2, 1.9, 3.6]])
+    elif kind == "mixed":
+        cell = np.array([[5.0, 0.0, 0.0], [1.0, 4.0, 0.0], [0.0, 0.0, 20.0]])
+        frac = rng.uniform(0, 1, (n, 3))
+        return cs.System(frac @ cell, np.full(n, 8), cell=cell, pbc=(True, True, False),
+                         min_distance=0.0)
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    frac = rng.uniform(-0.3, 1.3, (n, 3))  # also atoms outside the cell: wrapping is tested
+    return cs.System(frac @ cell, np.full(n, 8), cell=cell, pbc=True, min_distance=0.0)
+
+
+@pytest.mark.parametrize("kind", ["open", "ortho", "triclinic", "mixed"])
+@pytest.mark.parametrize("r_cut", [2.5, 4.0, 9.0])  # 9 Å exceeds every cell's half width
+def test_host_list_equals_ase(kind, r_cut):
+    s = _random_system(kind, 12, seed=len(kind) * 10 + int(r_cut))
+    nl = nb.neighbor_list(s, r_cut)
+    ref = _ase_set(s, r_cut)
+    assert int(nl.n_pairs) == len(ref)
+    assert _nl_set(nl) == ref
+    # distances agree with the pair vectors
+    vec = np.asarray(nb.edge_vectors(s.positions, s.cell, nl))[np.asarray(nl.mask)]
+    assert np.all(np.linalg.norm(vec, axis=1) < r_cut)
+
+
+def test_cutoff_beyond_cell_sees_own_images():
+    cell = np.eye(3) * 3.0
+    s = cs.System([[0.5, 0.5, 0.5]], [11], cell=cell, pbc=True)
+    nl = nb.neighbor_list(s, 6.5)
+    # an atom alone in a 3 Å cubic cell: its images within 6.5 Å
+    g = np.array(np.meshgrid(*[np.arange(-3, 4)] * 3, indexing="ij")).reshape(3, -1).T
+    d = np.linalg.norm(g * 3.0, axis=1)
+    assert int(nl.n_pairs) == int(np.sum((d > 0) & (d < 6.5)))
+    assert _nl_set(nl) == _ase_set(s, 6.5)
+
+
+@pytest.mark.parametrize("kind", ["open", "ortho", "triclinic"])
+def test_jit_builder_equals_host_and_flags_overflow(kind):
+    s = _random_system(kind, 10, seed=3)
+    r_cut = 4.5
+    ref = nb.neighbor_list(s, r_cut)
+    n = int(ref.n_pairs)
+    build = jax.jit(nb.neighbor_list_fn(r_cut, n + 7, s.cell, s.pbc))
+    nl = build(s.positions)
+    assert not bool(nl.did_buffer_overflow)
+    assert _nl_set(nl) == _nl_set(ref)
+    small = jax.jit(nb.neighbor_list_fn(r_cut, n - 1, s.cell, s.pbc))(s.positions)
+    assert bool(small.did_buffer_overflow)
+    assert int(small.n_pairs) == n  # the true count is reported, so the host can regrow
+    with pytest.raises(nb.NeighborListOverflowError, match="overflow"):
+        nb.check_overflow(small)
+
+
+def test_host_list_regrows_automatically():
+    s = _random_system("ortho", 14, seed=5)
+    full = nb.neighbor_list(s, 4.0)
+    grown = nb.neighbor_list(s, 4.0, capacity=5)
+    assert grown.capacity >= int(full.n_pairs) > 5
+    assert not bool(grown.did_buffer_overflow)
+    assert _nl_set(grown) == _nl_set(full)
+    roomy = nb.neighbor_list(s, 4.0, capacity=int(full.n_pairs) + 50)
+    assert roomy.capacity == int(full.n_pairs) + 50
+    assert _nl_set(roomy) == _nl_set(full)
+
+
+def test_batch_padding_invariance():
+    systems = [_random_system(k, n, seed=n) for k, n in [("open", 5), ("ortho", 9), ("triclinic", 7)]]
+    b1 = cs.Batch.from_systems(systems)
+    b2 = cs.Batch.from_systems(systems, n_atoms=16)
+    nl1 = nb.neighbor_list_batch(b1, 4.0)
+    nl2 = nb.neighbor_list_batch(b2, 4.0, capacity=nl1.capacity + 40)
+    for k, s in enumerate(systems):
+        ref = _nl_set(nb.neighbor_list(s, 4.0))
+        for nl in (nl1, nl2):
+            m = np.asarray(nl.mask[k])
+            got = _pair_set(
+                np.asarray(nl.senders[k])[m], np.asarray(nl.receivers[k])[m], np.asarray(nl.shifts[k])[m]
+            )
+            assert got == ref
+            assert int(nl.n_pairs[k]) == len(ref)
+        # padding atoms never appear in any pair
+        pad = ~np.asarray(b2.mask[k])
+        used = np.concatenate([np.asarray(nl2.senders[k])[np.asarray(nl2.mask[k])],
+                               np.asarray(nl2.receivers[k])[np.asarray(nl2.mask[k])]])
+        assert not np.any(pad[used])
+
+
+def test_bad_r_cut_and_traced_positions():
+    s = _random_system("ortho", 4, seed=1)
+    with pytest.raises(ValueError, match="r_cut"):
+        nb.neighbor_list(s, -1.0)
+
+    def f(p):
+        return nb.neighbor_list(cs.System(p, np.full(4, 8), cell=s.cell, pbc=True), 3.0).n_pairs
+
+    with pytest.raises(ValueError, match="concrete"):
+        jax.jit(f)(s.positions)
