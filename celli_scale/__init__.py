@@ -16,3 +16,23 @@ from celli_scale.system import Batch, System  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["Batch", "System", "units", "__version__"]
+
+
+def __getattr__(name: str):
+    # Heavier submodules load on first use, so `import celli_scale` stays fast.
+    import importlib
+
+    lazy = {
+        "Potential": ("celli_scale.potential", "Potential"),
+        "Calculator": ("celli_scale.calculator", "Calculator"),
+        "electrostatics": ("celli_scale.electrostatics", None),
+        "qeq": ("celli_scale.qeq", None),
+        "models": ("celli_scale.models", None),
+        "neighbors": ("celli_scale.neighbors", None),
+        "io": ("celli_scale.io", None),
+    }
+    if name not in lazy:
+        raise AttributeError(f"module 'celli_scale' has no attribute {name!r}")
+    mod, attr = lazy[name]
+    m = importlib.import_module(mod)
+    return m if attr is None else getattr(m, attr)

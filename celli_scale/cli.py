@@ -1,0 +1,153 @@
+"""The ``celli-scale`` command.
+
+Subcommands:
+
+* ``celli-scale info FILE``: summarise a structure or data file (frames, atoms, species,
+  cell/pbc of the first frame, total charges, labels present).
+* ``celli-scale demo [ARGS ...]``: run the demo (:mod:`celli_scale.demo`); the remaining
+  arguments are passed on to it.
+
+User errors (missing or malformed file, bad input) print one line ``error: ...`` to stderr
+and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Exit status for user errors (as argparse uses for bad arguments).
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error of the command line (reported as one line, exit status 2)."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="celli-scale",
+        description="Long-range machine-learned interatomic potentials at scale.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p_info = sub.add_parser(
+        "info",
+        help="summarise a structure or data file (.xyz/.extxyz, input.data, .npz, ...)",
+        description="Summarise a structure or data file: frames, atoms per frame, species, "
+        "cell and pbc of the first frame, total charges and labels present.",
+    )
+    p_info.add_argument("file", help="structure or data file")
+    p_info.add_argument(
+        "--format",
+        choices=("extxyz", "runner", "npz", "ase"),
+        default=None,
+        help="file format (default: from the file name)",
+    )
+    # Everything after "demo" (options included) belongs to the demo: see main().
+    sub.add_parser(
+        "demo",
+        help="run the demo on this machine (arguments after 'demo' go to the demo)",
+        add_help=False,
+    )
+    return parser
+
+
+def _fmt_charge(q: float) -> str:
+    return f"{q:g}"
+
+
+def info_lines(frames: Sequence, path: str, fmt: str) -> list[str]:
+    """Human-readable summary of ``frames`` (units: Å, e), one string per line."""
+    from ase.data import chemical_symbols
+
+    sizes = np.array([f.n_atoms for f in frames])
+    counts: Counter[int] = Counter()
+    for f in frames:
+        counts.update(int(z) for z in np.asarray(f.system.species))
+    species = ", ".join(f"{chemical_symbols[z]} {counts[z]}" for z in sorted(counts))
+    first = frames[0].system
+    pbc = " ".join("T" if p else "F" for p in first.pbc)
+    charges = Counter(round(float(f.system.total_charge), 6) for f in frames)
+    charge_str = ", ".join(
+        f"{_fmt_charge(q)} ({n} frame{'s' if n != 1 else ''})" for q, n in sorted(charges.items())
+    )
+    n = len(frames)
+    lines = [
+        f"file: {path} (format: {fmt})",
+        f"frames: {n}",
+        f"atoms per frame: min {sizes.min()}, max {sizes.max()} (total {sizes.sum()})",
+        f"species (atoms over all frames): {species}",
+        f"first frame: {first.n_atoms} atoms, pbc {pbc}",
+    ]
+    if first.cell is None:
+        lines.append("  cell: none")
+    else:
+        cell = np.asarray(first.cell, dtype=float)
+        lines.append("  cell (Å, rows are lattice vectors):")
+        lines.extend("    " + " ".join(f"{v:12.6f}" for v in row) for row in cell)
+    lines.append(f"total charge (e): {charge_str}")
+    label_counts = {
+        k: sum(getattr(f, k) is not None for f in frames)
+        for k in ("energy", "forces", "charges", "stress")
+    }
+    present = [f"{k} {c}/{n}" for k, c in label_counts.items() if c]
+    lines.append("labels: " + (", ".join(present) if present else "none"))
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from celli_scale import io
+
+    fmt = args.format or io.guess_format(args.file)
+    frames = io.read(args.file, format=fmt)
+    print("\n".join(info_lines(frames, args.file, fmt)))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from celli_scale.demo import main as demo_main
+    except ModuleNotFoundError as e:
+        if e.name != "celli_scale.demo":
+            raise
+        raise CLIError("the demo is not available in this installation") from None
+    rc = demo_main(list(args.demo_args))
+    return int(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``celli-scale``; returns the exit status (0 on success, 2 on a user
+    error, after printing ``error: ...`` to stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":
+        args.demo_args = argv[argv.index("demo") + 1 :]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"info": _cmd_info, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except (OSError, ValueError, CLIError) as e:
+        logger.debug("%s failed", args.command, exc_info=True)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Energy, forces, stress and charges from any model.
+
+:class:`Potential` binds a model (a flax module, pure function of ``(params, graph)``)
+to its parameters. It builds the graph on the host (neighbor lists, electrostatics
+parameters), then evaluates one jitted function that returns the energy and its
+derivatives: forces ``-∂E/∂r`` (through the charge equilibration for CELLI, by implicit
+differentiation) and stress ``(1/V) ∂E/∂ε`` by the strain derivative.
+
+Units: energy eV, forces eV/Å, stress eV/Å³ (ASE's sign convention), charges e.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from celli_scale import models as models_mod
+from celli_scale.models import Graph, ModelConfig, ModelOutput
+from celli_scale.neighbors import neighbor_list
+from celli_scale.system import Batch, System
+
+#: File in a saved potential's directory holding the model config.
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class QeqNotConvergedError(RuntimeError):
+    """The charge-equilibration solve inside a model missed its tolerance."""
+
+
+@struct.dataclass
+class PotentialOutput:
+    """Result for one structure (or stacked over a batch's leading axis).
+
+    energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å³ or None for open systems,
+    charges (N,) e or None, node_energies (N,) eV (local part), elec_energy (eV) or None.
+    """
+
+    energy: jax.Array
+    forces: jax.Array
+    stress: jax.Array | None = None
+    charges: jax.Array | None = None
+    node_energies: jax.Array | None = None
+    elec_energy: jax.Array | None = None
+
+
+def _energy_and_derivatives(model, params, graph: Graph, stress: bool):
+    """Energy, forces and (optionally) the strain derivative for one graph."""
+    dtype = graph.positions.dtype
+
+    def energy_fn(positions, strain):
+        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
+        g = graph.replace(positions=positions @ deform, cell=graph.cell @ deform)
+        out: ModelOutput = model.apply(params, g)
+        return out.energy, out
+
+    strain0 = jnp.zeros((3, 3), dtype)
+    argnums = (0, 1) if stress else (0,)
+    (energy, out), grads = jax.value_and_grad(energy_fn, argnums=argnums, has_aux=True)(
+        graph.positions, strain0
+    )
+    forces = -grads[0]
+    virial = grads[1] / jnp.abs(jnp.linalg.det(graph.cell)) if stress else None
+    return energy, forces, virial, out
+
+
+class Potential:
+    """A model plus its parameters: ``pot(system) -> PotentialOutput``.
+
+    Args:
+      model: a model built by :func:`celli_scale.models.build` (has a ``config``).
+      params: its flax parameters.
+      capacity_growth: head-room factor for edge capacities, so that MD steps reuse one
+        compiled function (padding never changes a result).
+
+    Example:
+      >>> pot = Potential.from_config({"name": "allegro"}, example=system)  # doctest: +SKIP
+      >>> out = pot(system); out.energy, out.forces
+    """
+
+    def __init__(self, model, params, *, capacity_growth: float = 1.2) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.params = params
+        self.capacity_growth = float(capacity_growth)
+        self._zmap = np.full(119, -1, dtype=np.int32)
+        self._zmap[np.asarray(self.config.species)] = np.arange(self.config.n_species)
+        self._edge_capacity = 0
+        self._elec_capacity = 0
+        efs = partial(_energy_and_derivatives, model)
+        self._evaluate = jax.jit(efs, static_argnums=(2,))
+        self._evaluate_batch = jax.jit(
+            lambda p, gs, stress: jax.vmap(lambda g: efs(p, g, stress))(gs), static_argnums=(2,)
+        )
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any] | ModelConfig,
+        seed: int = 0,
+        example: System | None = None,
+        **kwargs: Any,
+    ) -> Potential:
+        """A freshly initialised potential. ``species`` defaults to those in ``example``."""
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        cfg = dict(cfg)
+        if cfg.get("species") is None:
+            if example is None:
+                raise ValueError("from_config needs config['species'] or an example system")
+            cfg["species"] = sorted({int(z) for z in np.asarray(example.species)})
+        model = models_mod.build(cfg)
+        pot = cls(model, None, **kwargs)
+        if example is None:
+            example = _dummy_system(pot.config)
+        graph = pot.graph(example)
+        pot.params = model.init(jax.random.PRNGKey(seed), graph)
+        return pot
+
+    @property
+    def is_charge_model(self) -> bool:
+        return getattr(self.config, "elec_method", None) is not None
+
+    def species_index(self, species: Any) -> np.ndarray:
+        """Map atomic numbers to the model's species indices (ValueError names unknown ones)."""
+        z = np.asarray(species)
+        idx = self._zmap[np.clip(z, 0, 118)]
+        bad = np.flatnonzero((idx < 0) | (z < 0) | (z > 118))
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(
+                f"unknown species: atom {k} has atomic number {int(z[k])}, but the model "
+                f"knows only {list(self.config.species)}"
+            )
+        return idx.astype(np.int32)
+
+    def graph(self, system: System, n_atoms: int | None = None, edge_capacity: int | None = None) -> Graph:
+        """Host-side graph of a concrete ``system``, optionally padded to ``n_atoms`` atoms
+        and ``edge_capacity`` edges."""
+        dtype = self.config.jnp_dtype
+        n = system.n_atoms
+        n_pad = n if n_atoms is None else int(n_atoms)
+        nl = neighbor_list(system, self.config.r_cut)
+        need = int(nl.n_pairs)
+        if edge_capacity is None:
+            if need > self._edge_capacity:
+                self._edge_capacity = int(np.ceil(need * self.capacity_growth)) + 1
+            edge_capacity = self._edge_capacity
+        nl = neighbor_list(system, self.config.r_cut, capacity=max(edge_capacity, need))
+        pos = np.zeros((n_pad, 3))
+        pos[:n] = np.asarray(system.positions)
+        spc = np.zeros(n_pad, dtype=np.int32)
+        spc[:n] = self.species_index(system.species)
+        mask = np.zeros(n_pad, dtype=bool)
+        mask[:n] = True
+        cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, dtype=float)
+        elec_params = elec_nl = None
+        if self.is_charge_model:
+            elec_params, elec_nl = self._electrostatics(system, n_pad)
+        return Graph(
+            positions=jnp.asarray(pos, dtype=dtype),
+            species=jnp.asarray(spc),
+            node_mask=jnp.asarray(mask),
+            cell=jnp.asarray(cell, dtype=dtype),
+            total_charge=jnp.asarray(float(system.total_charge), dtype=dtype),
+            senders=nl.senders,
+            receivers=nl.receivers,
+            shifts=nl.shifts.astype(dtype),
+            edge_mask=nl.mask,
+            elec_params=elec_params,
+            elec_neighbors=elec_nl,
+            periodic=system.periodic,
+        )
+
+    def _electrostatics(self, system: System, n_pad: int):
+        from celli_scale import electrostatics as el
+
+        params = el.prepare(
+            system, method=self.config.elec_method, accuracy=self.config.elec_accuracy
+        )
+        nl = el.real_space_neighbors(system, params)
+        if nl is not None:
+            need = int(nl.n_pairs)
+            if need > self._elec_capacity:
+                self._elec_capacity = int(np.ceil(need * self.capacity_growth)) + 1
+            nl = el.real_space_neighbors(system, params, capacity=self._elec_capacity)
+        return params, nl
+
+    # -- evaluation ---------------------------------------------------------------------
+    def __call__(self, system: System | Batch) -> PotentialOutput:
+        if isinstance(system, Batch):
+            return self._call_batch(system)
+        if self.params is None:
+            raise ValueError("Potential has no parameters")
+        graph = self.graph(system)
+        energy, forces, stress, out = self._evaluate(self.params, graph, system.periodic)
+        self._check(out)
+        return PotentialOutput(
+            energy=energy,
+            forces=forces,
+            stress=stress,
+            charges=out.charges,
+            node_energies=out.node_energies,
+            elec_energy=out.elec_energy,
+        )
+
+    def _call_batch(self, batch: Batch) -> PotentialOutput:
+        systems = list(batch)
+        n_pad = batch.n_atoms_padded
+        stress = all(s.periodic for s in systems)
+        if self.is_charge_model or not (stress or not any(s.periodic for s in systems)):
+            # Electrostatics parameters differ in shape between cells (k-vectors), and
+            # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
+            outs = [self._single_padded(s, n_pad) for s in systems]
+            return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
+        # one common edge capacity, then vmap over the stacked graphs
+        for s in systems:
+            self.graph(s)  # grows self._edge_capacity to the largest system
+        graphs = [self.graph(s, n_atoms=n_pad, edge_capacity=self._edge_capacity) for s in systems]
+        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+        energy, forces, virial, out = self._evaluate_batch(self.params, stacked, stress)
+        self._check(out)
+        return PotentialOutput(
+            energy=energy,
+            forces=forces,
+            stress=virial,
+            charges=out.charges,
+            node_energies=out.node_energies,
+            elec_energy=out.elec_energy,
+        )
+
+    def _single_padded(self, system: System, n_pad: int) -> PotentialOutput:
+        graph = self.graph(system, n_atoms=n_pad)
+        energy, forces, stress, out = self._evaluate(self.params, graph, system.periodic)
+        self._check(out)
+        return PotentialOutput(
+            energy=energy,
+            forces=forces,
+            stress=stress if stress is not None else jnp.full((3, 3), jnp.nan, energy.dtype),
+            charges=out.charges,
+            node_energies=out.node_energies,
+            elec_energy=out.elec_energy,
+        )
+
+    def _check(self, out: ModelOutput) -> None:
+        if out.qeq_residual is None:
+            return
+        tol = float(getattr(self.config, "qeq_tol", 1e-10))
+        res = float(np.max(np.asarray(out.qeq_residual)))
+        if not np.isfinite(res) or res > 10 * tol:
+            raise QeqNotConvergedError(
+                f"charge equilibration did not converge: relative residual {res:.3g} "
+                f"> tolerance {tol:.3g} (raise qeq maxiter or check the structure)"
+            )
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as a directory: ``config.json`` plus an orbax checkpoint of the parameters.
+        Loading never runs code (no pickle)."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(path / PARAMS_DIR, self.params, force=True)
+        ckpt.wait_until_finished()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs: Any) -> Potential:
+        """Load a directory written by :meth:`save`."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        cfg_file = path / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise ValueError(f"{path}: not a saved potential (missing {CONFIG_FILE})")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_file}: malformed JSON ({exc})") from None
+        model = models_mod.build(cfg)
+        pot = cls(model, None, **kwargs)
+        target = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), pot.graph(_dummy_system(pot.config)))
+        )
+        pot.params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        return pot
+
+
+def _dummy_system(config: ModelConfig) -> System:
+    """A small open structure with one atom of every species (for initialisation)."""
+    z = np.asarray(config.species)
+    n = max(2, z.size)
+    pos = np.stack([np.arange(n) * 1.1, np.zeros(n), np.zeros(n)], axis=1)
+    return System(pos, np.resize(z, n))
