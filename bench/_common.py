@@ -1,0 +1,107 @@
+"""Helpers shared by the asv benchmarks: quick mode, systems, configs, memory checks.
+
+Every hyper-parameter a benchmark uses is stated here, once, so that the four models are
+compared at matched settings and a reader of ``bench/RESULTS.md`` can reproduce them.
+
+Quick mode (``CELLI_BENCH_QUICK=1``; ``tests/conftest.py`` sets it): tiny systems and
+narrow models, so that every benchmark runs in seconds (CI checks that none is broken).
+Without it the benchmarks use the sizes reported in ``bench/RESULTS.md``; pick a subset
+with ``asv run --bench REGEX``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: True when ``CELLI_BENCH_QUICK`` is set to anything but "" or "0".
+QUICK = os.environ.get("CELLI_BENCH_QUICK", "") not in ("", "0")
+
+if not QUICK and os.environ.get("CELLI_BENCH_JAX_CACHE", "x") != "":
+    # asv runs setup once per benchmark method and parameter combination, in a fresh
+    # process; a persistent compilation cache avoids recompiling the same function three
+    # times (time_, track_, peakmem_). It never changes a result.
+    import jax as _jax
+
+    _jax.config.update(
+        "jax_compilation_cache_dir",
+        os.environ.get("CELLI_BENCH_JAX_CACHE")
+        or os.path.expanduser("~/.cache/celli_scale/jax_bench"),
+    )
+    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+from celli_scale.scaling import (  # noqa: E402  (the benchmarks and the study share these)
+    FULL_HYPERPARAMS,
+    MODEL_EXTRAS,
+    QUICK_HYPERPARAMS,
+    QUICK_MODEL_EXTRAS,
+    MemoryTooLarge,
+    build_potential,
+    check_fits,
+    model_available,
+    model_config,
+    nacl_system,
+)
+
+#: Models compared (registry names).
+MODELS: tuple[str, ...] = ("allegro", "celli", "nequip", "mace")
+
+#: NaCl grid sites per axis (PEERS.md grid, spacing 2.2 Å): N = n³ atoms.
+GRID_N: tuple[int, ...] = (2, 3) if QUICK else (4, 6, 10, 16, 26)  # 64 ... 17576 atoms
+DTYPES: tuple[str, ...] = ("float32", "float64")
+
+#: Shared hyper-parameters in use (quick or full), as one dict.
+HYPERPARAMS: dict[str, Any] = dict(QUICK_HYPERPARAMS if QUICK else FULL_HYPERPARAMS)
+EXTRAS: dict[str, dict[str, Any]] = QUICK_MODEL_EXTRAS if QUICK else MODEL_EXTRAS
+
+#: Training-step benchmark: structures per batch and grid size.
+TRAIN_BATCH = 2 if QUICK else 4
+TRAIN_GRID_N: tuple[int, ...] = (2,) if QUICK else (4, 6)
+TRAIN_LR = 1e-3
+TRAIN_FORCE_WEIGHT = 1.0
+
+#: Device-scaling benchmark (data-parallel: a batch of structures sharded over devices).
+SCALING_DEVICES: tuple[int, ...] = (1, 2, 4)
+SCALING_BATCH = 4  # divisible by every device count
+SCALING_GRID_N = 2 if QUICK else 6
+SCALING_REPEATS = 1 if QUICK else 3
+
+#: asv timing settings for one jitted evaluation (warm-up happens in setup).
+TIMEOUT_S = 120.0 if QUICK else 3600.0
+
+
+def config_for(model: str, dtype: str) -> dict[str, Any]:
+    """The full config dict of ``model`` at the benchmark's matched hyper-parameters."""
+    return model_config(model, dtype, HYPERPARAMS, EXTRAS)
+
+
+def skip_unless_available(model: str) -> None:
+    """asv's way of skipping: NotImplementedError in setup."""
+    ok, why = model_available(model)
+    if not ok:
+        raise NotImplementedError(f"model {model!r} not available: {why}")
+
+
+__all__ = [
+    "DTYPES",
+    "EXTRAS",
+    "GRID_N",
+    "HYPERPARAMS",
+    "MODELS",
+    "MemoryTooLarge",
+    "QUICK",
+    "SCALING_BATCH",
+    "SCALING_DEVICES",
+    "SCALING_GRID_N",
+    "SCALING_REPEATS",
+    "TIMEOUT_S",
+    "TRAIN_BATCH",
+    "TRAIN_FORCE_WEIGHT",
+    "TRAIN_GRID_N",
+    "TRAIN_LR",
+    "build_potential",
+    "check_fits",
+    "config_for",
+    "nacl_system",
+    "skip_unless_available",
+]

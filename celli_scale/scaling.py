@@ -1,0 +1,1043 @@
+"""`celli-scale scale CONFIG`: a scaling study of the models over system size and devices.
+
+The study sweeps models × system sizes × device counts on the NaCl grid of
+``bench/PEERS.md`` (simple cubic, spacing 2.2 Å, ±1 alternating, periodic) and times one
+jitted energy + forces evaluation of a *batch* of structures. The device dimension is
+**data-parallel (batch over devices)**: the batch is sharded over a 1-D device mesh with
+``jax.shard_map`` and each device evaluates its own structures; no structure is split
+(spatial domain decomposition is a different, future feature).
+
+Every (model, devices) pair runs in its own subprocess, with
+``XLA_FLAGS=--xla_force_host_platform_device_count=D`` on CPU (the flag must be set before
+JAX starts), sizes in increasing order; one code path serves 1 and many devices.
+
+Outputs in ``out_dir``: ``results.csv`` (one row per model × size × devices),
+``time_vs_n.png`` (log-log, fitted slope per model), ``speedup_vs_devices.png``
+(speed-up and parallel efficiency), ``ratio_celli_mpnn.png`` (CELLI/MACE and CELLI/NequIP
+time ratios vs N) and ``results.md`` (tables, slopes, configuration, machine).
+
+Config (YAML, every key optional but ``models`` and ``sizes``)::
+
+    models: [allegro, celli]        # registry names
+    sizes: [4, 6]                   # NaCl grid sites per axis (N = n³) ...
+    size_unit: grid_n               # ... or "atoms": sizes are N (perfect cubes)
+    dtype: float32                  # float32 | float64
+    devices: [1, 2]                 # device counts (data-parallel batch over devices)
+    batch: 2                        # structures per step (default: lcm of devices)
+    repeats: 3                      # timed evaluations per point (median reported)
+    hyperparams: {channels: 32}     # shared model keys, over the defaults below
+    model_extras: {celli: {n_pre: 1}}  # per-model keys, over the defaults below
+    spacing: 2.2                    # Å
+    rattle: 0.05                    # Å, Gaussian displacement of each site
+    seed: 0
+    timeout_s: 3600                 # per (model, devices) subprocess
+    memory_fraction: 0.85           # skip a point whose compiled need exceeds this
+                                    # fraction of the available memory
+
+Units: seconds are wall-clock seconds per batch step; ``atoms_steps_per_s`` is
+``batch · N / seconds``; memory in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import queue
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------
+# matched hyper-parameters (benchmarks and the study share them)
+# --------------------------------------------------------------------------------------
+#: Shared keys, identical for all four models (PEERS.md: 2 layers, l_max 2, 32 features,
+#: 8 radial functions, r_cut 5 Å; 56 neighbours per atom on the NaCl grid).
+FULL_HYPERPARAMS: dict[str, Any] = {
+    "r_cut": 5.0,
+    "l_max": 2,
+    "channels": 32,
+    "n_layers": 2,
+    "n_radial": 8,
+    "radial_mlp": [64, 64],
+    "avg_num_neighbors": 56.0,
+    "parity": True,
+}
+#: Model-specific keys (each model's own defaults otherwise). CELLI: one Allegro layer
+#: before and one after the charge-equilibration layer; electrostatics chosen by "auto"
+#: to accuracy 1e-6. MACE: correlation order 3, as mace-torch in PEERS.md.
+MODEL_EXTRAS: dict[str, dict[str, Any]] = {
+    "allegro": {},
+    "celli": {"n_pre": 1, "n_post": 1, "elec_method": "auto", "elec_accuracy": 1e-6},
+    "nequip": {},
+    "mace": {"correlation": 3},
+}
+#: float32 CELLI cannot reach the float64 Qeq tolerance: its CG stops at this one.
+CELLI_FLOAT32_QEQ_TOL = 1e-5
+
+#: Quick mode (tests, CI): the same keys, tiny widths.
+QUICK_HYPERPARAMS: dict[str, Any] = {
+    "r_cut": 5.0,
+    "l_max": 2,
+    "channels": 4,
+    "n_layers": 2,
+    "n_radial": 4,
+    "radial_mlp": [8],
+    "avg_num_neighbors": 56.0,
+    "parity": True,
+}
+QUICK_MODEL_EXTRAS: dict[str, dict[str, Any]] = {
+    "allegro": {"latent_dim": 8, "latent_mlp": [8], "edge_eng_mlp": [8]},
+    "celli": {
+        "n_pre": 1,
+        "n_post": 1,
+        "elec_method": "auto",
+        "elec_accuracy": 1e-6,
+        "latent_dim": 8,
+        "latent_mlp": [8],
+        "edge_eng_mlp": [8],
+    },
+    "nequip": {"readout_hidden": 4},
+    "mace": {"correlation": 3},
+}
+
+#: Species of the NaCl grid.
+NACL_SPECIES = (11, 17)
+
+#: Prefix of a result line written by a worker subprocess.
+_ROW_TAG = "CELLI_SCALE_ROW "
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+class MemoryTooLarge(NotImplementedError):
+    """A point whose compiled evaluation needs more memory than is available.
+
+    A subclass of NotImplementedError, so that asv reports the benchmark as skipped.
+    """
+
+
+def model_config(
+    model: str,
+    dtype: str,
+    hyperparams: dict[str, Any] | None = None,
+    extras: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Full config dict of ``model`` at matched hyper-parameters (``species`` = Na, Cl)."""
+    hp = dict(FULL_HYPERPARAMS if hyperparams is None else hyperparams)
+    ex = MODEL_EXTRAS if extras is None else extras
+    cfg = {"name": model, **hp, **ex.get(model, {}), "dtype": dtype, "species": list(NACL_SPECIES)}
+    if model == "celli" and dtype == "float32":
+        cfg.setdefault("qeq_tol", CELLI_FLOAT32_QEQ_TOL)
+    return cfg
+
+
+def model_available(model: str) -> tuple[bool, str]:
+    """Whether the model's module can be imported (models land one by one)."""
+    import importlib
+
+    from celli_scale import models
+
+    if model not in models.MODEL_NAMES:
+        return False, f"unknown model (choose from {list(models.MODEL_NAMES)})"
+    try:
+        models._lookup(model)
+    except (ImportError, AttributeError) as e:
+        return False, f"{type(e).__name__}: {e}"
+    importlib.invalidate_caches()
+    return True, ""
+
+
+def nacl_system(n: int, spacing: float = 2.2, rattle: float = 0.0, seed: int = 0):
+    """The PEERS.md NaCl grid (n³ atoms), see :func:`celli_scale.demo.nacl_grid`."""
+    from celli_scale.demo import nacl_grid
+
+    return nacl_grid(int(n), spacing=spacing, rattle=rattle, seed=seed)
+
+
+def build_potential(config: dict[str, Any], seed: int = 0):
+    """A freshly initialised :class:`~celli_scale.potential.Potential` for benchmarking.
+
+    Parameters come from a jitted ``model.init`` on a 2×2×2 NaCl grid (they do not depend
+    on the system size); ``capacity_growth=1`` so that graphs carry no spare edges.
+    """
+    import jax
+
+    from celli_scale import models
+    from celli_scale.potential import Potential
+
+    model = models.build(config)
+    pot = Potential(model, None, capacity_growth=1.0)
+    graph = pot.graph(nacl_system(2))
+    pot.params = jax.jit(model.init)(jax.random.PRNGKey(seed), graph)
+    pot._edge_capacity = 0  # size the next graph exactly
+    pot._elec_capacity = 0
+    return pot
+
+
+def available_memory_bytes() -> int:
+    """Memory the evaluation may use: the accelerator's limit, or the host's
+    ``MemAvailable`` on CPU."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def compiled_bytes(compiled: Any) -> int:
+    """Bytes a compiled XLA program needs (arguments + outputs + temporaries), per device."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return 0
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
+
+
+def check_fits(compiled: Any, n_programs: int = 1, fraction: float = 0.85) -> int:
+    """Raise :class:`MemoryTooLarge` if ``n_programs`` copies of ``compiled`` (host
+    devices share RAM) need more than ``fraction`` of the available memory; else return
+    the bytes needed."""
+    import jax
+
+    need = compiled_bytes(compiled)
+    if jax.devices()[0].platform == "cpu":
+        need *= n_programs
+    avail = available_memory_bytes()
+    if need > fraction * avail:
+        raise MemoryTooLarge(
+            f"needs {need / 2**30:.1f} GiB (XLA memory analysis), "
+            f"{fraction:.0%} of available {avail / 2**30:.1f} GiB exceeded"
+        )
+    return need
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident set size (MiB) every ``dt``
+    seconds; ``.peak_mb`` after exit."""
+
+    def __init__(self, dt: float = 0.002) -> None:
+        self.dt = dt
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss_mb(self) -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2**20
+        except OSError:  # not Linux: peak over the whole process
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self._stop.wait(self.dt)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_mb = self._rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+
+# --------------------------------------------------------------------------------------
+# one measurement: a batch of structures, data-parallel over devices
+# --------------------------------------------------------------------------------------
+def batch_graphs(pot: Any, systems: Sequence[Any]) -> Any:
+    """Graphs of ``systems`` (same atom count) with one common edge capacity, stacked
+    along a leading batch axis."""
+    import jax
+    import jax.numpy as jnp
+
+    for s in systems:  # grow the capacities to the largest need
+        pot.graph(s)
+    graphs = [pot.graph(s, edge_capacity=pot._edge_capacity) for s in systems]
+    return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+
+
+def data_parallel_energy_forces(pot: Any, devices: int) -> tuple[Any, Any]:
+    """``(fn, sharding)``: ``fn(params, graphs) -> (energy (B,), forces (B, N, 3),
+    qeq_residual (B,) or None)`` jitted with the batch axis sharded over the first
+    ``devices`` devices (data-parallel: each device evaluates whole structures)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devs = jax.devices()
+    if len(devs) < devices:
+        raise RuntimeError(
+            f"{devices} devices requested, {len(devs)} visible (on CPU set "
+            f"XLA_FLAGS={_DEVICE_FLAG}={devices} before JAX starts)"
+        )
+    mesh = Mesh(np.asarray(devs[:devices]), ("batch",))
+
+    def one(params, graph):
+        energy, forces, _, out = pot._evaluate(params, graph, False)
+        return energy, forces, out.qeq_residual
+
+    def local(params, graphs):
+        return jax.vmap(one, in_axes=(None, 0))(params, graphs)
+
+    # check_vma=False: the models' loops (CELLI's Qeq solver) carry values that are not
+    # annotated as varying over the mesh axis; every device runs them on its own shard.
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"), check_vma=False
+    )
+    fn = jax.jit(sharded)
+    return fn, NamedSharding(mesh, P("batch"))
+
+
+def measure_point(
+    pot: Any,
+    n: int,
+    *,
+    devices: int = 1,
+    batch: int = 1,
+    repeats: int = 3,
+    spacing: float = 2.2,
+    rattle: float = 0.05,
+    seed: int = 0,
+    memory_fraction: float = 0.85,
+) -> dict[str, Any]:
+    """Time one jitted energy + forces step on ``batch`` NaCl grids of ``n³`` atoms,
+    sharded over ``devices`` devices. Returns a result row (see :data:`CSV_COLUMNS`)."""
+    import jax
+
+    systems = [nacl_system(n, spacing, rattle, seed + k) for k in range(batch)]
+    n_atoms = systems[0].n_atoms
+    graphs = batch_graphs(pot, systems)
+    n_edges = int(np.asarray(graphs.edge_mask[0]).sum())
+    fn, sharding = data_parallel_energy_forces(pot, devices)
+    graphs = jax.device_put(graphs, sharding)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(pot.params, replicated)
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, graphs).compile()
+    compile_s = time.perf_counter() - t0
+    need = check_fits(compiled, devices, memory_fraction)
+    times = []
+    with PeakRSS() as rss:
+        out = jax.block_until_ready(compiled(params, graphs))  # warm-up
+        cpu0 = _cpu_seconds()
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(compiled(params, graphs))
+            times.append(time.perf_counter() - t0)
+        cpu_s = (_cpu_seconds() - cpu0) / max(1, repeats)
+    status = "ok"
+    energy = np.asarray(out[0])
+    if not np.all(np.isfinite(energy)):
+        status = "non-finite energy"
+    if out[2] is not None:
+        res = float(np.max(np.asarray(out[2])))
+        tol = float(getattr(pot.config, "qeq_tol", 1e-10))
+        if not (res <= 10 * tol):
+            status = f"qeq residual {res:.2g} > 10 x tol {tol:.0e}"
+    seconds = float(np.median(times))
+    return {
+        "n_grid": int(n),
+        "n_atoms": int(n_atoms),
+        "n_edges": n_edges,
+        "devices": int(devices),
+        "batch": int(batch),
+        "seconds": seconds,
+        "seconds_min": float(np.min(times)),
+        "seconds_per_structure": seconds / batch,
+        "atoms_steps_per_s": batch * n_atoms / seconds,
+        "cpu_seconds": cpu_s,
+        "peak_rss_mb": float(rss.peak_mb),
+        "compiled_mb": need / 2**20,
+        "compile_s": compile_s,
+        "status": status,
+    }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads): on a shared machine it
+    moves less with other people's load than wall-clock time does."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _worker(spec: dict[str, Any]) -> None:
+    """Subprocess body: one model and device count, all sizes in increasing order; each
+    result is written to stdout as one tagged JSON line as soon as it is measured."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    base = {
+        "model": spec["model"],
+        "dtype": spec["dtype"],
+        "devices": spec["devices"],
+        "batch": spec["batch"],
+        "platform": jax.devices()[0].platform,
+    }
+
+    def emit(row: dict[str, Any]) -> None:
+        row["status"] = " ".join(str(row.get("status", "")).split())[:400]  # one CSV line
+        sys.stdout.write(_ROW_TAG + json.dumps({**base, **row}) + "\n")
+        sys.stdout.flush()
+
+    sizes = sorted(spec["sizes"])
+    try:
+        pot = build_potential(spec["config"], seed=spec["seed"])
+    except Exception as e:  # report every size as failed, with the reason
+        for n in sizes:
+            emit({"n_grid": n, "n_atoms": n**3, "status": f"error: {type(e).__name__}: {e}"})
+        raise
+    stop = None
+    for n in sizes:
+        if stop is not None:
+            emit({"n_grid": n, "n_atoms": n**3, "status": f"skipped: {stop}"})
+            continue
+        try:
+            row = measure_point(
+                pot,
+                n,
+                devices=spec["devices"],
+                batch=spec["batch"],
+                repeats=spec["repeats"],
+                spacing=spec["spacing"],
+                rattle=spec["rattle"],
+                seed=spec["seed"],
+                memory_fraction=spec["memory_fraction"],
+            )
+        except MemoryTooLarge as e:
+            stop = f"a smaller size (n={n}) did not fit"
+            row = {"n_grid": n, "n_atoms": n**3, "status": f"out of memory: {e}"}
+        except Exception as e:  # noqa: BLE001 - reported in the row, the sweep goes on
+            log.exception("model %s n=%d failed", spec["model"], n)
+            row = {"n_grid": n, "n_atoms": n**3, "status": f"error: {type(e).__name__}: {e}"}
+        emit(row)
+
+
+def _subprocess_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
+    flags.append(f"{_DEVICE_FLAG}={int(devices)}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def run_points(spec: dict[str, Any], timeout_s: float = 3600.0, on_row=None) -> list[dict]:
+    """Run :func:`_worker` for ``spec`` in a subprocess with ``spec['devices']`` host
+    devices; return its rows (a row per size, failures included), calling
+    ``on_row(row)`` as each arrives."""
+    cmd = [sys.executable, "-m", "celli_scale.scaling", "--worker"]
+    rows: list[dict] = []
+    lines: queue.Queue[str | None] = queue.Queue()
+    with _TempLog() as errlog:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errlog.file,
+            text=True,
+            env=_subprocess_env(spec["devices"]),
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+
+        def pump() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                timed_out = True
+                proc.kill()
+                break
+            if line is None:
+                break
+            if line.startswith(_ROW_TAG):
+                row = json.loads(line[len(_ROW_TAG) :])
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+        proc.wait()
+        tail = errlog.tail()
+    done = {r["n_grid"] for r in rows}
+    why = (
+        f"timeout after {timeout_s:.0f} s"
+        if timed_out
+        else (f"worker exited with status {proc.returncode}: {tail}")
+    )
+    for n in sorted(spec["sizes"]):
+        if n not in done:
+            row = {
+                "model": spec["model"],
+                "dtype": spec["dtype"],
+                "devices": spec["devices"],
+                "batch": spec["batch"],
+                "n_grid": n,
+                "n_atoms": n**3,
+                "status": why,
+            }
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+class _TempLog:
+    """A temporary file for a subprocess's stderr, with its last line for error rows."""
+
+    def __enter__(self) -> _TempLog:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(mode="w+")
+        return self
+
+    def tail(self, n: int = 400) -> str:
+        self.file.seek(0)
+        text = self.file.read().strip()
+        return " ".join(text[-n:].split())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+
+
+# --------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------
+CSV_COLUMNS = (
+    "model",
+    "n_grid",
+    "n_atoms",
+    "n_edges",
+    "dtype",
+    "devices",
+    "batch",
+    "seconds",
+    "seconds_min",
+    "seconds_per_structure",
+    "atoms_steps_per_s",
+    "cpu_seconds",
+    "peak_rss_mb",
+    "compiled_mb",
+    "compile_s",
+    "platform",
+    "status",
+)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A scaling study (see the module docstring for the YAML form).
+
+    Attributes:
+      models: registry names. sizes: grid sites per axis (``size_unit="grid_n"``) or atom
+      counts (``"atoms"``, perfect cubes). dtype: "float32" | "float64". devices: device
+      counts. batch: structures per step (None: lcm of ``devices``). repeats: timed
+      evaluations per point. hyperparams / model_extras: over :data:`FULL_HYPERPARAMS` /
+      :data:`MODEL_EXTRAS`. spacing, rattle (Å), seed. timeout_s: per subprocess.
+      memory_fraction: of the available memory a point may need.
+    """
+
+    models: tuple[str, ...]
+    sizes: tuple[int, ...]
+    size_unit: str = "grid_n"
+    dtype: str = "float32"
+    devices: tuple[int, ...] = (1,)
+    batch: int | None = None
+    repeats: int = 3
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    model_extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spacing: float = 2.2
+    rattle: float = 0.05
+    seed: int = 0
+    timeout_s: float = 3600.0
+    memory_fraction: float = 0.85
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        """Validate a dict (from YAML); ValueError names the bad key."""
+        from celli_scale import models as models_mod
+
+        if not isinstance(d, dict):
+            raise ValueError(f"scaling config must be a mapping, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown scaling config key(s) {unknown}; known keys: {names}")
+        for key in ("models", "sizes"):
+            if key not in d:
+                raise ValueError(f"scaling config key {key!r} is required")
+
+        def int_list(key: str, minimum: int) -> tuple[int, ...]:
+            v = d[key]
+            v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+            if (
+                not isinstance(v, list | tuple)
+                or not v
+                or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in v
+                )
+            ):
+                raise ValueError(
+                    f"scaling config key {key!r} must be a non-empty list of integers "
+                    f">= {minimum}, got {v!r}"
+                )
+            return tuple(v)
+
+        kw: dict[str, Any] = {}
+        models = d["models"]
+        models = [models] if isinstance(models, str) else models
+        if not isinstance(models, list | tuple) or not models:
+            raise ValueError(
+                f"scaling config key 'models' must be a non-empty list, got {models!r}"
+            )
+        for m in models:
+            if m not in models_mod.MODEL_NAMES:
+                raise ValueError(
+                    f"scaling config key 'models': unknown model {m!r}; "
+                    f"choose from {list(models_mod.MODEL_NAMES)}"
+                )
+        kw["models"] = tuple(models)
+        unit = d.get("size_unit", "grid_n")
+        if unit not in ("grid_n", "atoms"):
+            raise ValueError(
+                f"scaling config key 'size_unit' must be 'grid_n' or 'atoms', got {unit!r}"
+            )
+        kw["size_unit"] = unit
+        sizes = int_list("sizes", 2 if unit == "grid_n" else 8)
+        if unit == "atoms":
+            grid = []
+            for n_atoms in sizes:
+                n = round(n_atoms ** (1 / 3))
+                if n**3 != n_atoms:
+                    raise ValueError(
+                        f"scaling config key 'sizes': {n_atoms} atoms is not a NaCl grid "
+                        f"(n³ atoms); nearest: {n**3}"
+                    )
+                grid.append(n)
+            sizes = tuple(grid)
+        kw["sizes"] = tuple(sorted(set(sizes)))
+        if "dtype" in d:
+            if d["dtype"] not in ("float32", "float64"):
+                raise ValueError(
+                    f"scaling config key 'dtype' must be float32 or float64, got {d['dtype']!r}"
+                )
+            kw["dtype"] = d["dtype"]
+        if "devices" in d:
+            kw["devices"] = tuple(sorted(set(int_list("devices", 1))))
+        devices = kw.get("devices", (1,))
+        lcm = math.lcm(*devices)
+        if d.get("batch") is not None:
+            b = d["batch"]
+            if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b % lcm:
+                raise ValueError(
+                    f"scaling config key 'batch' must be a positive multiple of every device "
+                    f"count (lcm {lcm}), got {b!r}"
+                )
+            kw["batch"] = b
+        if "repeats" in d:
+            r = d["repeats"]
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise ValueError(
+                    f"scaling config key 'repeats' must be a positive integer, got {r!r}"
+                )
+            kw["repeats"] = r
+        if "seed" in d:
+            if not isinstance(d["seed"], int):
+                raise ValueError(f"scaling config key 'seed' must be an integer, got {d['seed']!r}")
+            kw["seed"] = d["seed"]
+        for key, lo in (
+            ("spacing", 0.0),
+            ("rattle", -1e-300),
+            ("timeout_s", 0.0),
+            ("memory_fraction", 0.0),
+        ):
+            if key in d:
+                v = d[key]
+                if not isinstance(v, int | float) or isinstance(v, bool) or not v > lo:
+                    raise ValueError(
+                        f"scaling config key {key!r} must be a positive number, got {v!r}"
+                    )
+                kw[key] = float(v)
+        if "hyperparams" in d:
+            hp = d["hyperparams"] or {}
+            if not isinstance(hp, dict):
+                raise ValueError(f"scaling config key 'hyperparams' must be a mapping, got {hp!r}")
+            bad = sorted(set(hp) - set(FULL_HYPERPARAMS) - {"envelope_p"})
+            if bad:
+                raise ValueError(
+                    f"scaling config key 'hyperparams': unknown shared key(s) {bad}; known: "
+                    f"{sorted(FULL_HYPERPARAMS)} (model-specific keys go in 'model_extras')"
+                )
+            kw["hyperparams"] = dict(hp)
+        if "model_extras" in d:
+            me = d["model_extras"] or {}
+            if not isinstance(me, dict) or not all(
+                k in models_mod.MODEL_NAMES and isinstance(v, dict) for k, v in me.items()
+            ):
+                raise ValueError(
+                    "scaling config key 'model_extras' must map model names to mappings, "
+                    f"got {me!r}"
+                )
+            kw["model_extras"] = {k: dict(v) for k, v in me.items()}
+        return cls(**kw)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch if self.batch is not None else math.lcm(*self.devices)
+
+    def model_config(self, model: str) -> dict[str, Any]:
+        hp = {**FULL_HYPERPARAMS, **self.hyperparams}
+        extras = {model: {**MODEL_EXTRAS.get(model, {}), **self.model_extras.get(model, {})}}
+        return model_config(model, self.dtype, hp, extras)
+
+
+def load_config(path: str | os.PathLike) -> StudyConfig:
+    """Read a YAML study config (``yaml.safe_load``); errors name the file and key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML ({e})") from None
+    try:
+        return StudyConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def run_study(
+    config: dict[str, Any] | StudyConfig, out_dir: str | os.PathLike, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run the sweep models × sizes × devices and write the outputs into ``out_dir``.
+
+    Returns the rows of ``results.csv`` as a list of dicts (ordered by model, devices,
+    size); a point that did not run has ``status`` saying why and NaN timings.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config if isinstance(config, StudyConfig) else StudyConfig.from_dict(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    total = len(cfg.models) * len(cfg.sizes) * len(cfg.devices)
+    bar = tqdm(total=total, desc="scale", unit="point", disable=not progress)
+    for model in cfg.models:
+        for devices in cfg.devices:
+            spec = {
+                "model": model,
+                "config": cfg.model_config(model),
+                "sizes": list(cfg.sizes),
+                "dtype": cfg.dtype,
+                "devices": devices,
+                "batch": cfg.batch_size,
+                "repeats": cfg.repeats,
+                "spacing": cfg.spacing,
+                "rattle": cfg.rattle,
+                "seed": cfg.seed,
+                "memory_fraction": cfg.memory_fraction,
+            }
+            ok, why = model_available(model)
+            if not ok:
+                got = [
+                    {
+                        "model": model,
+                        "dtype": cfg.dtype,
+                        "devices": devices,
+                        "batch": cfg.batch_size,
+                        "n_grid": n,
+                        "n_atoms": n**3,
+                        "status": f"model not available: {why}",
+                    }
+                    for n in cfg.sizes
+                ]
+                bar.update(len(got))
+            else:
+
+                def on_row(row: dict[str, Any]) -> None:
+                    bar.set_postfix_str(f"{row['model']} N={row['n_atoms']} d={row['devices']}")
+                    bar.update()
+
+                got = run_points(spec, cfg.timeout_s, on_row)
+            rows.extend(_complete(r) for r in sorted(got, key=lambda r: r["n_grid"]))
+            write_csv(rows, out / "results.csv")  # partial results survive an interrupt
+    bar.close()
+    write_csv(rows, out / "results.csv")
+    slopes = fit_slopes(rows)
+    plot_time_vs_n(rows, slopes, out / "time_vs_n.png")
+    plot_speedup(rows, out / "speedup_vs_devices.png")
+    plot_ratios(rows, out / "ratio_celli_mpnn.png")
+    write_markdown(rows, slopes, cfg, out / "results.md")
+    return rows
+
+
+def _complete(row: dict[str, Any]) -> dict[str, Any]:
+    full = {k: row.get(k, math.nan) for k in CSV_COLUMNS}
+    for k in ("model", "dtype", "platform", "status"):
+        full[k] = row.get(k, "")
+    return full
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+
+
+def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok" and np.isfinite(r.get("seconds", math.nan))]
+
+
+def _single_device_times(rows, model: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = sorted(
+        (r["n_atoms"], r["seconds_per_structure"])
+        for r in _ok(rows)
+        if r["model"] == model and r["devices"] == min(x["devices"] for x in rows)
+    )
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    n, t = np.asarray(pts, dtype=float).T
+    return n, t
+
+
+def fit_slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Least-squares slope of log(time) vs log(N) per model, on the fewest-device rows
+    (NaN with fewer than two sizes)."""
+    slopes = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        n, t = _single_device_times(rows, model)
+        slopes[model] = float(np.polyfit(np.log(n), np.log(t), 1)[0]) if n.size >= 2 else math.nan
+    return slopes
+
+
+def _figure(ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4))
+    return plt, fig, ax
+
+
+def plot_time_vs_n(rows, slopes: dict[str, float], path: Path) -> None:
+    plt, fig, ax = _figure()
+    d0 = min(r["devices"] for r in rows)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        n, t = _single_device_times(rows, model)
+        if n.size:
+            s = slopes.get(model, math.nan)
+            label = f"{model} (slope {s:.2f})" if np.isfinite(s) else f"{model}"
+            ax.loglog(n, t, marker="o", label=label)
+    ax.set_xlabel("atoms N")
+    ax.set_ylabel("energy + forces, s per structure")
+    ax.set_title(f"time vs N ({d0} device{'s' if d0 > 1 else ''})")
+    _legend_or_note(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speedup(rows, path: Path) -> None:
+    plt, fig, (a1, a2) = _figure(2)
+    ok = _ok(rows)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sizes = sorted({r["n_atoms"] for r in ok if r["model"] == model})
+        for n_atoms in sizes[-1:]:  # the largest size that ran
+            pts = {
+                r["devices"]: r["seconds"]
+                for r in ok
+                if r["model"] == model and r["n_atoms"] == n_atoms
+            }
+            if min(pts, default=0) != 1:
+                continue
+            d = np.array(sorted(pts), dtype=float)
+            sp = pts[1] / np.array([pts[int(k)] for k in d])
+            a1.plot(d, sp, marker="o", label=f"{model} N={n_atoms}")
+            a2.plot(d, sp / d, marker="o", label=f"{model} N={n_atoms}")
+    devs = sorted({r["devices"] for r in rows})
+    a1.plot(devs, devs, "k:", lw=1, label="ideal")
+    a1.set_xlabel("devices (data-parallel batch over devices)")
+    a1.set_ylabel("speed-up T(1)/T(d)")
+    a2.set_xlabel("devices (data-parallel batch over devices)")
+    a2.set_ylabel("parallel efficiency")
+    a2.set_ylim(0, 1.2)
+    for a in (a1, a2):
+        a.set_xticks(devs)
+        _legend_or_note(a)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def time_ratios(rows, num: str, den: str) -> list[tuple[int, float]]:
+    """(N, t_num / t_den) at the fewest devices, for sizes both ran."""
+    tn = dict(zip(*[list(a) for a in _single_device_times(rows, num)], strict=True))
+    td = dict(zip(*[list(a) for a in _single_device_times(rows, den)], strict=True))
+    return [(int(n), tn[n] / td[n]) for n in sorted(set(tn) & set(td))]
+
+
+def plot_ratios(rows, path: Path) -> None:
+    plt, fig, ax = _figure()
+    for den in ("mace", "nequip"):
+        pts = time_ratios(rows, "celli", den)
+        if pts:
+            n, r = zip(*pts, strict=True)
+            ax.semilogx(
+                n, r, marker="o", label=f"CELLI / {den.upper() if den == 'mace' else 'NequIP'}"
+            )
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("atoms N")
+    ax.set_ylabel("time ratio (energy + forces)")
+    ax.set_title("CELLI vs message passing")
+    _legend_or_note(ax, "needs celli and mace or nequip in the study")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _legend_or_note(ax, note: str = "no successful points") -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+
+
+def machine_summary() -> str:
+    import platform
+
+    import jax
+
+    dev = jax.devices()[0]
+    return (
+        f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, jax {jax.__version__}, device {dev.platform} "
+        f"({dev.device_kind}), load average {os.getloadavg()[0]:.1f} at the end"
+    )
+
+
+def _fmt(v: Any, spec: str) -> str:
+    try:
+        return format(float(v), spec) if np.isfinite(float(v)) else "–"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def write_markdown(rows, slopes: dict[str, float], cfg: StudyConfig, path: Path) -> None:
+    lines = [
+        "# Scaling study",
+        "",
+        f"Machine: {machine_summary()}.",
+        f"NaCl grid (spacing {cfg.spacing} Å, rattle {cfg.rattle} Å), {cfg.dtype}, "
+        f"batch of {cfg.batch_size} structures per step, data-parallel (batch over devices), "
+        f"median of {cfg.repeats} warm evaluations of energy + forces.",
+        "",
+        "| model | N | edges | devices | s / step | s / structure | atoms·steps/s "
+        "| peak RSS (MiB) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['n_atoms']} | {_fmt(r['n_edges'], '.0f')} | {r['devices']} | "
+            f"{_fmt(r['seconds'], '.4g')} | {_fmt(r['seconds_per_structure'], '.4g')} | "
+            f"{_fmt(r['atoms_steps_per_s'], '.4g')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+            f"{r['status']} |"
+        )
+    lines += ["", "## Fitted slope of log(time) vs log(N)", "", "| model | slope |", "|---|---:|"]
+    lines += [f"| {m} | {_fmt(s, '.3f')} |" for m, s in slopes.items()]
+    ratio_lines = []
+    for den in ("mace", "nequip", "allegro"):
+        for n, r in time_ratios(rows, "celli", den):
+            ratio_lines.append(f"| CELLI / {den} | {n} | {r:.3f} |")
+    if ratio_lines:
+        lines += [
+            "",
+            "## Time ratios",
+            "",
+            "| ratio | N | value |",
+            "|---|---:|---:|",
+            *ratio_lines,
+        ]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps({m: cfg.model_config(m) for m in cfg.models}, indent=1),
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    """Register ``scale CONFIG [--out DIR]`` on an argparse sub-parser set."""
+    p = sub.add_parser(
+        "scale",
+        help="scaling study: models x sizes x devices (data-parallel batch over devices)",
+        description="Time energy + forces of the models over NaCl-grid sizes and device "
+        "counts (data-parallel: a batch of structures sharded over devices); write "
+        "results.csv, time_vs_n.png, speedup_vs_devices.png, ratio_celli_mpnn.png, results.md.",
+    )
+    p.add_argument("config", help="YAML study config (e.g. bench/configs/scale_tiny.yaml)")
+    p.add_argument("--out", default="out/scale", help="output directory (default: out/scale)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the study of ``args.config`` into ``args.out``."""
+    cfg = load_config(args.config)
+    out = Path(getattr(args, "out", "out/scale"))
+    rows = run_study(cfg, out)
+    n_ok = len(_ok(rows))
+    print(
+        f"{n_ok}/{len(rows)} points ok; wrote {out / 'results.csv'}, {out / 'results.md'} "
+        f"and 3 plots"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # worker entry: python -m celli_scale.scaling --worker < spec.json
+    if sys.argv[1:] == ["--worker"]:
+        logging.basicConfig(level=logging.WARNING)
+        _worker(json.loads(sys.stdin.read()))
+    else:
+        sys.exit("usage: celli-scale scale CONFIG [--out DIR]")
