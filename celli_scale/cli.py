@@ -4,8 +4,8 @@ Subcommands:
 
 * ``celli-scale info FILE``: summarise a structure or data file (frames, atoms, species,
   cell/pbc of the first frame, total charges, labels present).
-* ``celli-scale demo [ARGS ...]``: run the demo (:mod:`celli_scale.demo`); the remaining
-  arguments are passed on to it.
+* ``celli-scale demo [OPTIONS]``: run the demo (:mod:`celli_scale.demo`, which declares its
+  options through ``add_parser(subparsers)`` and runs as ``main(args)``).
 
 User errors (missing or malformed file, bad input) print one line ``error: ...`` to stderr
 and exit with status 2, without a traceback.
@@ -18,6 +18,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,13 +54,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file format (default: from the file name)",
     )
-    # Everything after "demo" (options included) belongs to the demo: see main().
-    sub.add_parser(
-        "demo",
-        help="run the demo on this machine (arguments after 'demo' go to the demo)",
-        add_help=False,
-    )
+    _add_demo_parser(sub)
     return parser
+
+
+def _add_demo_parser(sub: Any) -> None:
+    """Let :mod:`celli_scale.demo` declare its own options (``add_parser(sub)``); if it
+    cannot be imported, register a bare ``demo`` so that the other commands still work."""
+    try:
+        from celli_scale.demo import add_parser
+    except ImportError as e:
+        logger.debug("celli_scale.demo not importable: %s", e)
+        sub.add_parser("demo", help="run the demo (not available: celli_scale.demo missing)")
+        return
+    add_parser(sub)
 
 
 def _fmt_charge(q: float) -> str:
@@ -121,20 +129,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if e.name != "celli_scale.demo":
             raise
         raise CLIError("the demo is not available in this installation") from None
-    rc = demo_main(list(args.demo_args))
+    rc = demo_main(args)
     return int(rc or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``celli-scale``; returns the exit status (0 on success, 2 on a user
     error, after printing ``error: ...`` to stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "demo":
-        args.demo_args = argv[argv.index("demo") + 1 :]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(None if argv is None else list(argv))
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     commands = {"info": _cmd_info, "demo": _cmd_demo}

@@ -124,14 +124,15 @@ class Frame:
     def from_ase(cls, atoms: Any, **system_kwargs: Any) -> Frame:
         """Build from ``ase.Atoms`` (Å, eV, e).
 
-        Labels come from the attached calculator's stored results (``energy``, ``forces``,
-        ``stress``, ``charges``; nothing is computed), else per-atom charges from the array
+        Labels come from the attached calculator's stored results for the current atoms
+        (``energy``, ``forces``, ``stress``, ``charges``; nothing is computed, stale results
+        are ignored), else per-atom charges from the array
         ``"charges"`` or from explicitly set initial charges. Total charge:
         ``atoms.info["charge"]``, else the sum of the charge labels, else the sum of the
         initial charges. ``system_kwargs`` go to :class:`System` (e.g. ``min_distance``).
         """
-        results: dict[str, Any] = dict(atoms.calc.results) if atoms.calc is not None else {}
-        charges = results.get("charges")
+        results = {k: _stored_result(atoms, k) for k in ("energy", "forces", "stress", "charges")}
+        charges = results["charges"]
         if charges is None and "charges" in atoms.arrays:
             charges = atoms.arrays["charges"]
         if charges is None and atoms.has("initial_charges"):
@@ -141,7 +142,7 @@ class Frame:
             if charges is not None:
                 total_charge = float(np.sum(charges))
         system = System.from_ase(atoms, total_charge=total_charge, **system_kwargs)
-        stress = results.get("stress")
+        stress = results["stress"]
         if stress is not None:
             stress = np.asarray(stress, dtype=float)
             if stress.shape == (6,):
@@ -150,8 +151,8 @@ class Frame:
                 stress = voigt_6_to_full_3x3_stress(stress)
         return cls(
             system,
-            energy=results.get("energy"),
-            forces=results.get("forces"),
+            energy=results["energy"],
+            forces=results["forces"],
             charges=charges,
             stress=stress,
         )
@@ -176,6 +177,18 @@ class Frame:
 
             atoms.calc = SinglePointCalculator(atoms, **results)
         return atoms
+
+
+def _stored_result(atoms: Any, name: str) -> Any:
+    """A result the attached calculator already holds for ``atoms`` (never computes)."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    if atoms.calc is None:
+        return None
+    try:
+        return atoms.calc.get_property(name, atoms, allow_calculation=False)
+    except PropertyNotImplementedError:
+        return None
 
 
 def _frames_list(frames: Frame | Sequence[Frame], where: str) -> list[Frame]:
@@ -387,7 +400,7 @@ def _runner_frame(block: _Block, path: Path, lineno: int, system_kwargs: dict) -
             charges=None if not np.any(charges) else charges,
         )
     except ValueError as e:
-        raise DataFormatError(f"{path} block at line {block.start}: {e}") from None
+        raise DataFormatError(f"{path} block at lines {block.start}-{lineno}: {e}") from None
 
 
 def write_runner(

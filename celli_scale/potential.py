@@ -122,7 +122,7 @@ class Potential:
         if example is None:
             example = _dummy_system(pot.config)
         graph = pot.graph(example)
-        pot.params = model.init(jax.random.PRNGKey(seed), graph)
+        pot.params = jax.jit(model.init)(jax.random.PRNGKey(seed), graph)
         return pot
 
     @property

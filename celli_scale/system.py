@@ -120,8 +120,9 @@ class System:
     def __setattr__(self, name, value):  # immutable, like a frozen dataclass
         raise AttributeError("System is immutable; use System.replace(...)")
 
-    def replace(self, **changes: Any) -> System:
-        """A copy with some fields replaced (no re-validation of unchanged fields)."""
+    def replace(self, *, min_distance: float = DEFAULT_MIN_DISTANCE, **changes: Any) -> System:
+        """A copy with some fields replaced. The overlap check (``min_distance``, Å) runs
+        only if the geometry (positions, species, cell or pbc) changes."""
         fields = dict(
             positions=self.positions,
             species=self.species,
@@ -130,7 +131,8 @@ class System:
             total_charge=self.total_charge,
         )
         fields.update(changes)
-        return System(**fields)
+        geometry = {"positions", "species", "cell", "pbc"} & changes.keys()
+        return System(**fields, min_distance=min_distance if geometry else 0.0)
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -158,10 +160,9 @@ class System:
             raise ValueError(f"total_charge must be an integer number of e, got {q}")
 
     def __repr__(self) -> str:
-        return (
-            f"System(n_atoms={self.positions.shape[0]}, pbc={self.pbc}, "
-            f"total_charge={self.total_charge if not _is_concrete(self.total_charge) else float(self.total_charge)})"
-        )
+        q = self.total_charge
+        q = float(q) if _is_concrete(q) else q
+        return f"System(n_atoms={self.positions.shape[0]}, pbc={self.pbc}, total_charge={q})"
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self, min_distance: float) -> None:
@@ -249,7 +250,9 @@ class System:
 
 def _check_species(species: np.ndarray) -> None:
     if species.ndim != 1:
-        raise ValueError(f"species must be a 1-D array of atomic numbers, got shape {species.shape}")
+        raise ValueError(
+            f"species must be a 1-D array of atomic numbers, got shape {species.shape}"
+        )
     if species.size and not np.all(np.isfinite(species.astype(float))):
         raise ValueError("species contain NaN or inf")
     if np.issubdtype(species.dtype, np.floating) and np.any(species != np.rint(species)):

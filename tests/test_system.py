@@ -146,6 +146,18 @@ def test_immutable():
         s.positions = TWO_ATOMS  # type: ignore[misc]
 
 
+def test_replace_keeps_validation_of_unchanged_geometry():
+    close = cs.System([[0.0, 0.0, 0.0], [0.0, 0.0, 0.05]], [1, 1], min_distance=0.0)
+    # changing only the charge must not re-run the overlap check with the default 0.1 Å
+    assert float(close.replace(total_charge=1.0).total_charge) == 1.0
+    with pytest.raises(ValueError, match="overlapping"):
+        close.replace(positions=np.asarray(close.positions) * 1.5)  # 0.075 Å < 0.1 Å
+    moved = close.replace(positions=np.asarray(close.positions) * 1.5, min_distance=0.0)
+    assert np.asarray(moved.positions)[1, 2] == pytest.approx(0.075, rel=1e-15)
+    with pytest.raises(ValueError, match="total_charge must be finite"):
+        close.replace(total_charge=np.inf)  # the other checks still run
+
+
 # -- pytree -------------------------------------------------------------------------------
 def test_grad_through_system():
     p = jnp.array([[0.0, 0.0, 0.0], [0.0, 0.5, 1.0]])
