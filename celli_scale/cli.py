@@ -4,8 +4,11 @@ Subcommands:
 
 * ``celli-scale info FILE``: summarise a structure or data file (frames, atoms, species,
   cell/pbc of the first frame, total charges, labels present).
-* ``celli-scale demo [OPTIONS]``: run the demo (:mod:`celli_scale.demo`, which declares its
-  options through ``add_parser(subparsers)`` and runs as ``main(args)``).
+* ``celli-scale demo [OPTIONS]``: run the main job on one CPU (:mod:`celli_scale.demo`).
+* ``celli-scale scale CONFIG [--out DIR]``: a scaling study (:mod:`celli_scale.scaling`).
+
+Subcommands that live in their own module declare their options through
+``add_parser(subparsers)`` and run as ``main(args)``.
 
 User errors (missing or malformed file, bad input) print one line ``error: ...`` to stderr
 and exit with status 2, without a traceback.
@@ -54,18 +57,25 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file format (default: from the file name)",
     )
-    _add_demo_parser(sub)
+    for name, module in _MODULE_COMMANDS.items():
+        _add_module_parser(sub, name, module)
     return parser
 
 
-def _add_demo_parser(sub: Any) -> None:
-    """Let :mod:`celli_scale.demo` declare its own options (``add_parser(sub)``); if it
-    cannot be imported, register a bare ``demo`` so that the other commands still work."""
+#: Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``).
+_MODULE_COMMANDS = {"demo": "celli_scale.demo", "scale": "celli_scale.scaling"}
+
+
+def _add_module_parser(sub: Any, name: str, module: str) -> None:
+    """Let ``module`` declare its own options; if it cannot be imported, register a bare
+    entry so that the other commands still work."""
+    import importlib
+
     try:
-        from celli_scale.demo import add_parser
+        add_parser = importlib.import_module(module).add_parser
     except ImportError as e:
-        logger.debug("celli_scale.demo not importable: %s", e)
-        sub.add_parser("demo", help="run the demo (not available: celli_scale.demo missing)")
+        logger.debug("%s not importable: %s", module, e)
+        sub.add_parser(name, help=f"(not available: {module} missing)")
         return
     add_parser(sub)
 
@@ -122,15 +132,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_module(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = _MODULE_COMMANDS[args.command]
     try:
-        from celli_scale.demo import main as demo_main
+        run = importlib.import_module(module).main
     except ModuleNotFoundError as e:
-        if e.name != "celli_scale.demo":
+        if e.name != module:
             raise
-        raise CLIError("the demo is not available in this installation") from None
-    rc = demo_main(args)
-    return int(rc or 0)
+        raise CLIError(f"'{args.command}' is not available in this installation") from None
+    return int(run(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"info": _cmd_info, "demo": _cmd_demo}
+    commands = {"info": _cmd_info, **{k: _cmd_module for k in _MODULE_COMMANDS}}
     try:
         return commands[args.command](args)
     except (OSError, ValueError, CLIError) as e:

@@ -133,4 +133,4 @@ def test_demo_missing_module_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "celli_scale.demo", None)  # import fails
     assert main(["demo"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: the demo is not available in this installation"
+    assert err == "error: 'demo' is not available in this installation"
