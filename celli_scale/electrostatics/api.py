@@ -1,0 +1,216 @@
+"""Public electrostatics functions: array-level kernels and System-level conveniences.
+
+``phi_i = ∂E/∂q_i`` everywhere (it includes the atom's own Gaussian self-energy term and
+the neutralising-background term), so ``E = ½ Σ q_i φ_i`` exactly and ``φ`` is linear and
+symmetric in the charges (the Qeq solvers use it as the matvec ``A q``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celli_scale import cell as cellmod
+from celli_scale.electrostatics import direct, ewald, pme
+from celli_scale.electrostatics.params import ElectrostaticsParams, prepare, validate_sigma
+from celli_scale.neighbors import NeighborList, neighbor_list
+
+
+def _is_concrete(x: Any) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def real_space_neighbors(system, params: ElectrostaticsParams, capacity: int | None = None):
+    """Host-side neighbor list with the real-space cut-off of ``params`` (``None`` for
+    ``"direct"``). Reuse it for repeated evaluations at the same positions (e.g. Qeq
+    matvecs) and pass it as ``neighbors=`` to keep the real-space part O(N) inside jit."""
+    if not params.periodic:
+        return None
+    return neighbor_list(system, params.r_cut, capacity)
+
+
+def _host_neighbors(positions, cell, mask, r_cut) -> NeighborList:
+    pos = np.asarray(positions, dtype=float)
+    idx = np.flatnonzero(np.asarray(mask, dtype=bool))
+    i, j, s, _ = cellmod.host_pairs(pos[idx], np.asarray(cell, dtype=float), (True,) * 3, r_cut)
+    e = max(i.size, 1)
+    senders = np.zeros(e, np.int32)
+    receivers = np.zeros(e, np.int32)
+    shifts = np.zeros((e, 3), pos.dtype)
+    m = np.zeros(e, bool)
+    senders[: i.size], receivers[: i.size], shifts[: i.size], m[: i.size] = idx[i], idx[j], s, True
+    return NeighborList(
+        senders=jnp.asarray(senders),
+        receivers=jnp.asarray(receivers),
+        shifts=jnp.asarray(shifts, dtype=positions.dtype),
+        mask=jnp.asarray(m),
+        n_pairs=jnp.asarray(i.size, dtype=jnp.int32),
+        r_cut=float(r_cut),
+    )
+
+
+def _inputs(positions, cell, charges, sigma, params, mask):
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape (N, 3), got {tuple(positions.shape)}")
+    n = positions.shape[0]
+    dtype = positions.dtype
+    charges = jnp.asarray(charges)
+    if charges.shape != (n,):
+        raise ValueError(
+            f"charges must have shape ({n},) (one charge per atom, e), got {tuple(charges.shape)}"
+        )
+    if mask is None:
+        mask = jnp.ones(n, dtype=bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != (n,) or mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be a bool array of shape ({n},), got {mask.dtype}{tuple(mask.shape)}")
+    if params.periodic:
+        if cell is None:
+            raise ValueError(f"method {params.method!r} needs a cell; got cell=None")
+        cell = jnp.asarray(cell, dtype=dtype)
+        if cell.shape != (3, 3):
+            raise ValueError(f"cell must have shape (3, 3), got {tuple(cell.shape)}")
+    if sigma is not None:
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, dtype=dtype), (n,)) if jnp.ndim(sigma) == 0 else jnp.asarray(sigma, dtype=dtype)
+        validate_sigma(sigma, n, mask)
+        if params.periodic and _is_concrete(sigma) and _is_concrete(mask):
+            s_max = float(np.max(np.where(np.asarray(mask), np.asarray(sigma), 0.0)))
+            if 2.0 * params.s * s_max > params.r_cut * (1 + 1e-9):
+                raise ValueError(
+                    f"Gaussian width sigma={s_max:.4g} Å needs a real-space cut-off of "
+                    f"{2 * params.s * s_max:.4g} Å but params have r_cut={params.r_cut:.4g} Å; "
+                    "pass sigma to prepare()"
+                )
+        sigma = jnp.where(mask, sigma, 1.0)
+    q = jnp.where(mask, charges.astype(dtype), 0.0)
+    positions = jnp.where(mask[:, None], positions, 0.0)
+    return positions, cell, q, sigma, mask
+
+
+def _evaluate(positions, cell, charges, sigma, params, neighbors, mask, want):
+    positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, mask)
+    if (
+        params.periodic
+        and neighbors is None
+        and _is_concrete(positions)
+        and _is_concrete(cell)
+        and _is_concrete(mask)
+    ):
+        neighbors = _host_neighbors(positions, cell, mask, params.r_cut)
+    return _compute(positions, cell, q, sigma, mask, params, neighbors, want)
+
+
+@partial(jax.jit, static_argnames=("want",))
+def _compute(positions, cell, q, sigma, mask, params, neighbors, want):
+    """The jit-compiled kernel (inlined when called inside an outer jit)."""
+    if not params.periodic:
+        if want == "phi":
+            return jnp.where(mask, direct.potential(positions, q, sigma, mask), 0.0)
+        return direct.energy(positions, q, sigma, mask)
+    alpha = params.alpha
+    volume = jnp.abs(jnp.linalg.det(cell))
+    if neighbors is not None:
+        real = ewald.real_space_pairs(positions, cell, q, sigma, alpha, neighbors, mask, want)
+    else:
+        shifts = params.shifts.astype(positions.dtype)
+        real = ewald.real_space_dense(positions, cell, q, sigma, alpha, params.r_cut, shifts, mask, want)
+    if params.method == "ewald":
+        recip = ewald.reciprocal(positions, cell, q, alpha, params.kvecs.astype(positions.dtype), want)
+    else:
+        recip = pme.reciprocal(positions, cell, q, alpha, params.grid, params.order, params.bsp_moduli, want)
+    phi_self = ewald.self_and_background_potential(q, sigma, alpha, volume)
+    if want == "phi":
+        return jnp.where(mask, real + recip + phi_self, 0.0)
+    return real + recip + 0.5 * jnp.sum(q * phi_self)
+
+
+def potential_arrays(
+    positions: jax.Array,
+    cell: jax.Array | None,
+    charges: jax.Array,
+    sigma: jax.Array | None,
+    params: ElectrostaticsParams,
+    neighbors: NeighborList | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Electrostatic potential ``φ_i = ∂E/∂q_i`` at every atom, in V (= eV/e).
+
+    Pure and jit-able; differentiable w.r.t. positions ``(N, 3)`` Å, cell ``(3, 3)`` Å
+    (rows), charges ``(N,)`` e and sigma ``(N,)`` Å. Exactly linear and symmetric in the
+    charges. ``neighbors``: real-space list from :func:`real_space_neighbors` (O(N)); if
+    ``None`` it is built on the host when positions and cell are concrete, otherwise an
+    exact dense all-pairs × images sum runs inside jit (O(N² S), small systems).
+    ``mask``: optional ``(N,)`` bool, False for padding atoms (no charge, no effect, φ = 0).
+    """
+    return _evaluate(positions, cell, charges, sigma, params, neighbors, mask, "phi")
+
+
+def energy_arrays(
+    positions: jax.Array,
+    cell: jax.Array | None,
+    charges: jax.Array,
+    sigma: jax.Array | None,
+    params: ElectrostaticsParams,
+    neighbors: NeighborList | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Electrostatic energy in eV (``= ½ q·φ``); same arguments as :func:`potential_arrays`."""
+    return _evaluate(positions, cell, charges, sigma, params, neighbors, mask, "energy")
+
+
+def _system_params(system, sigma, method, accuracy, params):
+    if params is None:
+        return prepare(system, method, accuracy, sigma)
+    if params.periodic != system.periodic:
+        raise ValueError(
+            f"params are for method {params.method!r} but the system has pbc={system.pbc}"
+        )
+    return params
+
+
+def energy(
+    system,
+    charges: jax.Array,
+    sigma: jax.Array | None = None,
+    method: str = "auto",
+    accuracy: float = 1e-6,
+    *,
+    params: ElectrostaticsParams | None = None,
+    neighbors: NeighborList | None = None,
+) -> jax.Array:
+    """Electrostatic energy (eV) of ``charges`` (e) on ``system``.
+
+    Gaussian charges of widths ``sigma`` (Å) if given, else point charges. Periodic
+    systems get a uniform neutralising background for a net charge. ``params`` (from
+    :func:`prepare`) override ``method``/``accuracy``; they are required when the cell
+    is traced. Differentiable w.r.t. positions, cell, charges and sigma.
+
+    Example:
+      >>> e = energy(system, q, method="ewald", accuracy=1e-8)
+      >>> forces = -jax.grad(lambda p: energy(system.replace(positions=p), q))(system.positions)
+    """
+    params = _system_params(system, sigma, method, accuracy, params)
+    cell = system.cell if params.periodic else None
+    return energy_arrays(system.positions, cell, charges, sigma, params, neighbors)
+
+
+def potential(
+    system,
+    charges: jax.Array,
+    sigma: jax.Array | None = None,
+    method: str = "auto",
+    accuracy: float = 1e-6,
+    *,
+    params: ElectrostaticsParams | None = None,
+    neighbors: NeighborList | None = None,
+) -> jax.Array:
+    """Potential ``φ_i = ∂E/∂q_i`` (V = eV/e) at every atom; see :func:`energy`."""
+    params = _system_params(system, sigma, method, accuracy, params)
+    cell = system.cell if params.periodic else None
+    return potential_arrays(system.positions, cell, charges, sigma, params, neighbors)
