@@ -183,8 +183,14 @@ class Potential:
     def _electrostatics(self, system: System, n_pad: int):
         from celli_scale import electrostatics as el
 
+        # The learnt Gaussian widths are only known inside jit; the model caps them at
+        # elec_sigma_max, so the real-space cut-off is chosen for that width.
+        sigma_max = getattr(self.config, "elec_sigma_max", None)
         params = el.prepare(
-            system, method=self.config.elec_method, accuracy=self.config.elec_accuracy
+            system,
+            method=self.config.elec_method,
+            accuracy=self.config.elec_accuracy,
+            sigma=None if sigma_max is None else np.full(system.n_atoms, float(sigma_max)),
         )
         nl = el.real_space_neighbors(system, params)
         if nl is not None:
@@ -289,9 +295,8 @@ class Potential:
             raise ValueError(f"{cfg_file}: malformed JSON ({exc})") from None
         model = models_mod.build(cfg)
         pot = cls(model, None, **kwargs)
-        target = jax.eval_shape(
-            lambda: model.init(jax.random.PRNGKey(0), pot.graph(_dummy_system(pot.config)))
-        )
+        graph = pot.graph(_dummy_system(pot.config))
+        target = jax.eval_shape(model.init, jax.random.PRNGKey(0), graph)
         pot.params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
         return pot
 

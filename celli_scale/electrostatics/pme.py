@@ -54,7 +54,8 @@ def _influence(cell, alpha, grid, moduli):
     volume = jnp.abs(jnp.linalg.det(cell))
     total = float(k1 * k2 * k3)
     g = total * jnp.exp(-(jnp.pi**2) * m2s / alpha**2) / (jnp.pi * volume * m2s)
-    g = g * moduli[0][:, None, None] * moduli[1][None, :, None] * moduli[2][None, None, :]
+    b1, b2, b3 = (jnp.asarray(x, dtype) for x in moduli)  # keep float32 models in float32
+    g = g * b1[:, None, None] * b2[None, :, None] * b3[None, None, :]
     return jnp.where(nonzero, g, 0.0)
 
 
