@@ -33,8 +33,8 @@ def _benchmarks() -> list[tuple[str, str]]:
     for name in _modules():
         mod = importlib.import_module(f"bench.{name}")
         for attr, obj in vars(mod).items():
-            if getattr(obj, "__module__", None) != mod.__name__:
-                continue
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue  # asv skips private names (base classes) too
             if inspect.isclass(obj) and any(a.startswith(PREFIXES) for a in dir(obj)):
                 found.append((name, attr))
             elif inspect.isfunction(obj) and attr.startswith(PREFIXES):

@@ -169,6 +169,28 @@ def tp_plan(l_max: int, parity: bool) -> TPPlan:
     return TPPlan(l_max, tuple(paths), tuple(terms), by_l, tuple(slots))
 
 
+def _components(x: jax.Array) -> list[jax.Array]:
+    """``(E, D, C)`` → ``D`` arrays ``(E, C)``.
+
+    One ``split`` (its transpose is a single ``concatenate``), instead of a slice per use
+    (whose transposes are full-size ``pad``s that XLA sums one by one: the backward pass of
+    the unrolled tensor product used to be dominated by them).
+    """
+    return [a.reshape(a.shape[0], a.shape[2]) for a in jnp.split(x, x.shape[1], axis=1)]
+
+
+def _tp_slots(vs: list[jax.Array], gs: list[jax.Array], plan: TPPlan) -> list[jax.Array]:
+    """The output slots of :func:`channelwise_tp` as a list of ``(E, C)`` arrays."""
+    out = []
+    for terms in plan.terms:
+        acc = None
+        for d1, d2, c in terms:
+            t = c * (vs[d1] * gs[d2])
+            acc = t if acc is None else acc + t
+        out.append(acc)
+    return out
+
+
 def channelwise_tp(v: jax.Array, g: jax.Array, plan: TPPlan) -> jax.Array:
     """All CG paths of ``v ⊗ g``, channel by channel.
 
@@ -177,14 +199,19 @@ def channelwise_tp(v: jax.Array, g: jax.Array, plan: TPPlan) -> jax.Array:
     Returns:
       ``(E, K, C)``, the outputs of ``plan.paths`` concatenated (``K = Σ (2 l_out + 1)``).
     """
+    return jnp.stack(_tp_slots(_components(v), _components(g), plan), axis=1)
+
+
+def _scalar_slots(vs: list[jax.Array], gs: list[jax.Array], l_max: int) -> list[jax.Array]:
+    """The invariant paths ``(l, l) -> 0`` as a list of ``l_max + 1`` arrays ``(E, C)``."""
     out = []
-    for terms in plan.terms:
+    for l in range(l_max + 1):
         acc = None
-        for d1, d2, c in terms:
-            t = c * (v[:, d1, :] * g[:, d2, :])
+        for d in range(l * l, (l + 1) ** 2):
+            t = vs[d] * gs[d]
             acc = t if acc is None else acc + t
-        out.append(acc)
-    return jnp.stack(out, axis=1)
+        out.append(acc / float(np.sqrt(2 * l + 1)))
+    return out
 
 
 def scalar_tp(v: jax.Array, g: jax.Array, l_max: int) -> jax.Array:
@@ -192,16 +219,24 @@ def scalar_tp(v: jax.Array, g: jax.Array, l_max: int) -> jax.Array:
 
     ``CG(l, l, 0) = δ_mn / sqrt(2l+1)``, so each is a per-channel dot product.
     """
-    out = []
-    for l in range(l_max + 1):
-        sl = slice(l * l, (l + 1) ** 2)
-        out.append(jnp.sum(v[:, sl, :] * g[:, sl, :], axis=1) / np.sqrt(2 * l + 1))
-    return jnp.stack(out, axis=1)
+    return jnp.stack(_scalar_slots(_components(v), _components(g), l_max), axis=1)
 
 
 def _l_index(l_max: int) -> np.ndarray:
     """``(l_max+1)²`` → the ``l`` of every component."""
     return np.concatenate([np.full(2 * l + 1, l) for l in range(l_max + 1)])
+
+
+def _expand_l(w: jax.Array) -> jax.Array:
+    """``(E, l_max+1, C)`` per-``l`` weights → ``(E, (l_max+1)², C)`` per component.
+
+    Same values as ``w[:, _l_index(l_max), :]``, but built from broadcasts (whose transpose
+    is a reduction) rather than a gather (whose transpose is a scatter-add).
+    """
+    e, n_l, c = w.shape
+    return jnp.concatenate(
+        [jnp.broadcast_to(w[:, l : l + 1, :], (e, 2 * l + 1, c)) for l in range(n_l)], axis=1
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -261,8 +296,10 @@ class TwoBodyEmbedding(nn.Module):
             param_dtype=dt,
             kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
             name="sh_weights",
-        )(x).reshape(-1, n_l, cfg.channels)
-        v = w[:, _l_index(cfg.l_max), :] * edges.sh
+        )(x)
+        c = cfg.channels
+        sh = _components(edges.sh)
+        v = [w[:, l * c : (l + 1) * c] * sh[d] for d, l in enumerate(_l_index(cfg.l_max))]
         return x, v
 
 
@@ -288,42 +325,39 @@ class AllegroLayer(nn.Module):
         cfg = self.config
         dt = cfg.jnp_dtype
         n_l, c = cfg.l_max + 1, cfg.channels
-        lidx = _l_index(cfg.l_max)
 
         # environment of the centre atom: Γ_i = Σ_k w(x_ik) Y(r̂_ik) / sqrt(<n>)
         w = MLP((*cfg.env_embed_mlp, n_l * c), last_bias=False, dtype=dt, name="env_embed")(x)
-        w = (w * edges.cut[:, None]).reshape(-1, n_l, c)
-        gamma = scatter_sum(w[:, lidx, :] * edges.sh, senders, n_nodes)
-        gamma = gamma / jnp.sqrt(jnp.asarray(cfg.avg_num_neighbors, dt))
-        g = gamma[senders]
+        w = w * edges.cut[:, None]
+        sh = _components(edges.sh)
+        norm = jnp.sqrt(jnp.asarray(cfg.avg_num_neighbors, dt))
+        gs = []
+        for d, l in enumerate(_l_index(cfg.l_max)):
+            gamma = scatter_sum(w[:, l * c : (l + 1) * c] * sh[d], senders, n_nodes)
+            gs.append((gamma / norm)[senders])
 
         if self.scalars_only:
-            scalars = scalar_tp(v, g, cfg.l_max)
+            scalars = jnp.concatenate(_scalar_slots(v, gs, cfg.l_max), axis=-1)
             v_new = None
         else:
             plan = tp_plan(cfg.l_max, cfg.parity)
-            tp = channelwise_tp(v, g, plan)
-            scalars = jnp.stack(
-                [tp[:, plan.path_slot[p], :] for p in plan.by_l[0]], axis=1
-            )
-            blocks = []
+            slots = _tp_slots(v, gs, plan)
+            v_new = []
             for l, ps in enumerate(plan.by_l):
-                xs = jnp.stack(
-                    [tp[:, plan.path_slot[p] : plan.path_slot[p] + 2 * l + 1, :] for p in ps],
-                    axis=1,
-                )  # (E, paths, 2l+1, C)
                 wl = self.param(
                     f"linear_l{l}", nn.initializers.normal(1.0), (len(ps), c, c), dt
-                )
-                blocks.append(
-                    jnp.einsum("epmc,pcd->emd", xs, wl) / np.sqrt(len(ps) * c)
-                )
-            v_new = jnp.concatenate(blocks, axis=1)
+                ).reshape(len(ps) * c, c)
+                for m in range(2 * l + 1):
+                    # (E, paths·C) @ (paths·C, C): path/channel mixing of component m
+                    row = jnp.concatenate([slots[plan.path_slot[p] + m] for p in ps], axis=-1)
+                    if l == 0:
+                        scalars = row  # (E, paths_0·C), path-major
+                    v_new.append((row @ wl) / float(np.sqrt(len(ps) * c)))
 
-        h = jnp.concatenate([x, scalars.reshape(scalars.shape[0], -1)], axis=-1)
+        h = jnp.concatenate([x, scalars], axis=-1)
         dx = MLP((*cfg.latent_mlp, cfg.latent_dim), dtype=dt, name="latent_mlp")(h)
         a = cfg.residual_coeff
-        x_new = (x + a * dx * edges.cut[:, None]) / np.sqrt(1.0 + a * a)
+        x_new = (x + a * dx * edges.cut[:, None]) / float(np.sqrt(1.0 + a * a))
         return x_new, v_new
 
 
