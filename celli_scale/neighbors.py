@@ -87,7 +87,7 @@ def _pad_pairs(i, j, s, capacity: int, dtype) -> dict[str, Any]:
 
 
 def _grown(n: int, capacity: int | None, growth: float) -> int:
-    if capacity is not None and capacity >= n:
+    if capacity is not None and capacity >= max(n, 1):
         return int(capacity)
     return max(int(np.ceil(n * growth)), 1)
 

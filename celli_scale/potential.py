@@ -148,13 +148,13 @@ class Potential:
         dtype = self.config.jnp_dtype
         n = system.n_atoms
         n_pad = n if n_atoms is None else int(n_atoms)
-        nl = neighbor_list(system, self.config.r_cut)
-        need = int(nl.n_pairs)
-        if edge_capacity is None:
-            if need > self._edge_capacity:
-                self._edge_capacity = int(np.ceil(need * self.capacity_growth)) + 1
-            edge_capacity = self._edge_capacity
-        nl = neighbor_list(system, self.config.r_cut, capacity=max(edge_capacity, need))
+        nl = neighbor_list(
+            system,
+            self.config.r_cut,
+            capacity=self._edge_capacity if edge_capacity is None else edge_capacity,
+            growth=self.capacity_growth,
+        )
+        self._edge_capacity = max(self._edge_capacity, nl.capacity)
         pos = np.zeros((n_pad, 3))
         pos[:n] = np.asarray(system.positions)
         spc = np.zeros(n_pad, dtype=np.int32)
@@ -192,65 +192,55 @@ class Potential:
             accuracy=self.config.elec_accuracy,
             sigma=None if sigma_max is None else np.full(system.n_atoms, float(sigma_max)),
         )
-        nl = el.real_space_neighbors(system, params)
-        if nl is not None:
-            need = int(nl.n_pairs)
-            if need > self._elec_capacity:
-                self._elec_capacity = int(np.ceil(need * self.capacity_growth)) + 1
-            nl = el.real_space_neighbors(system, params, capacity=self._elec_capacity)
+        nl = el.real_space_neighbors(system, params, capacity=self._elec_capacity or None)
+        if nl is not None and nl.capacity > self._elec_capacity:
+            # grown: keep head-room so that the next structures reuse the compiled function
+            nl = el.real_space_neighbors(
+                system, params, capacity=int(np.ceil(nl.capacity * self.capacity_growth))
+            )
+            self._elec_capacity = nl.capacity
         return params, nl
 
     # -- evaluation ---------------------------------------------------------------------
     def __call__(self, system: System | Batch) -> PotentialOutput:
-        if isinstance(system, Batch):
-            return self._call_batch(system)
         if self.params is None:
             raise ValueError("Potential has no parameters")
-        graph = self.graph(system)
-        energy, forces, stress, out = self._evaluate(self.params, graph, system.periodic)
+        if isinstance(system, Batch):
+            return self._call_batch(system)
+        return self._single(system)
+
+    def _single(self, system: System, n_pad: int | None = None) -> PotentialOutput:
+        graph = self.graph(system, n_atoms=n_pad)
+        return self._output(*self._evaluate(self.params, graph, system.periodic))
+
+    def _call_batch(self, batch: Batch) -> PotentialOutput:
+        systems = list(batch)
+        n_pad = batch.n_atoms_padded
+        periodic = [s.periodic for s in systems]
+        if self.is_charge_model or (any(periodic) and not all(periodic)):
+            # Electrostatics parameters differ in shape between cells (k-vectors), and
+            # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
+            outs = [self._single(s, n_pad) for s in systems]
+            outs = [
+                o if o.stress is not None else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
+                for o in outs
+            ]
+            return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
+        # one common edge capacity (the list only grows), then vmap over stacked graphs
+        graphs = [self.graph(s, n_atoms=n_pad) for s in systems]
+        graphs = [
+            g if g.senders.shape[0] == self._edge_capacity else self.graph(s, n_atoms=n_pad)
+            for g, s in zip(graphs, systems, strict=True)
+        ]
+        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+        return self._output(*self._evaluate_batch(self.params, stacked, all(periodic)))
+
+    def _output(self, energy, forces, stress, out: ModelOutput) -> PotentialOutput:
         self._check(out)
         return PotentialOutput(
             energy=energy,
             forces=forces,
             stress=stress,
-            charges=out.charges,
-            node_energies=out.node_energies,
-            elec_energy=out.elec_energy,
-        )
-
-    def _call_batch(self, batch: Batch) -> PotentialOutput:
-        systems = list(batch)
-        n_pad = batch.n_atoms_padded
-        stress = all(s.periodic for s in systems)
-        if self.is_charge_model or not (stress or not any(s.periodic for s in systems)):
-            # Electrostatics parameters differ in shape between cells (k-vectors), and
-            # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
-            outs = [self._single_padded(s, n_pad) for s in systems]
-            return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
-        # one common edge capacity, then vmap over the stacked graphs
-        for s in systems:
-            self.graph(s)  # grows self._edge_capacity to the largest system
-        graphs = [self.graph(s, n_atoms=n_pad, edge_capacity=self._edge_capacity) for s in systems]
-        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
-        energy, forces, virial, out = self._evaluate_batch(self.params, stacked, stress)
-        self._check(out)
-        return PotentialOutput(
-            energy=energy,
-            forces=forces,
-            stress=virial,
-            charges=out.charges,
-            node_energies=out.node_energies,
-            elec_energy=out.elec_energy,
-        )
-
-    def _single_padded(self, system: System, n_pad: int) -> PotentialOutput:
-        graph = self.graph(system, n_atoms=n_pad)
-        energy, forces, stress, out = self._evaluate(self.params, graph, system.periodic)
-        self._check(out)
-        return PotentialOutput(
-            energy=energy,
-            forces=forces,
-            stress=stress if stress is not None else jnp.full((3, 3), jnp.nan, energy.dtype),
             charges=out.charges,
             node_energies=out.node_energies,
             elec_energy=out.elec_energy,

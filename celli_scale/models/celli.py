@@ -171,7 +171,7 @@ class ChargeEquilibration(nn.Module):
         e = MLP((*cfg.chi_mlp, 1), dtype=dt, name="chi_mlp")(x)[:, 0] * edges.cut
         scale = self.param("chi_scale", lambda k: jnp.asarray(cfg.chi_scale, dt))
         shift = self.param("chi_shift", nn.initializers.zeros, (ns,), dt)
-        chi = scale * scatter_sum(e, graph.senders, n_nodes) / np.sqrt(cfg.avg_num_neighbors)
+        chi = scale * scatter_sum(e, graph.senders, n_nodes) / float(np.sqrt(cfg.avg_num_neighbors))
         chi = chi + shift[graph.species]
         raw_j = self.param(
             "hardness_raw", lambda k, s: jnp.full(s, _inv_softplus(cfg.hardness_init), dt), (ns,)
