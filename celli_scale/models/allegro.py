@@ -22,13 +22,16 @@ Parity: ``parity=True`` keeps the O(3) features that spherical harmonics span (i
 ``l`` with parity ``(-1)^l``; paths with ``l1 + l2 + l_out`` even — Allegro's
 "o3_restricted"); ``parity=False`` is SO(3) and keeps every path.
 
-Implementation notes (speed): features are plain arrays laid out ``(E, (l_max+1)², C)``
-(component-major, channel-minor; e3nn's real spherical-harmonic basis and "component"
-normalisation). The channel-wise tensor product is unrolled over the non-zero
-Clebsch–Gordan coefficients (83 for ``l_max = 2``), which XLA fuses into one elementwise
-pass (2-3× faster on CPU than a dense CG contraction and free of per-edge ``IrrepsArray``
-bookkeeping); the path/channel mixing is a plain einsum with e3nn's path normalisation,
-i.e. exactly what ``e3nn.flax.Linear`` would compute on the same irreps.
+Implementation notes (speed): inside the model the equivariant features are a list of
+``(l_max+1)²`` contiguous ``(E, C)`` arrays, one per component of e3nn's real
+spherical-harmonic basis ("component" normalisation); there is no ``(E, D, C)`` array to
+slice, pad or concatenate, which on the XLA CPU backend made the backward pass dominate
+(one full-size ``pad`` per tensor-product term). The channel-wise tensor product is
+unrolled over the non-zero Clebsch–Gordan coefficients (83 for ``l_max = 2``), and the
+path/channel mixing of each output component is one ``(E, paths·C) @ (paths·C, C)``
+matmul with e3nn's path normalisation, i.e. exactly what ``e3nn.flax.Linear`` would
+compute on the same irreps. Scalar constants are Python floats so that a float32 model
+stays float32 (NumPy float64 scalars are not weakly typed and would promote).
 
 The building blocks (:class:`TwoBodyEmbedding`, :class:`AllegroLayer`,
 :class:`EdgeEnergyReadout`, :func:`edge_inputs`) are shared with CELLI
@@ -227,18 +230,6 @@ def _l_index(l_max: int) -> np.ndarray:
     return np.concatenate([np.full(2 * l + 1, l) for l in range(l_max + 1)])
 
 
-def _expand_l(w: jax.Array) -> jax.Array:
-    """``(E, l_max+1, C)`` per-``l`` weights → ``(E, (l_max+1)², C)`` per component.
-
-    Same values as ``w[:, _l_index(l_max), :]``, but built from broadcasts (whose transpose
-    is a reduction) rather than a gather (whose transpose is a scatter-add).
-    """
-    e, n_l, c = w.shape
-    return jnp.concatenate(
-        [jnp.broadcast_to(w[:, l : l + 1, :], (e, 2 * l + 1, c)) for l in range(n_l)], axis=1
-    )
-
-
 # --------------------------------------------------------------------------------------
 # building blocks (shared with CELLI)
 # --------------------------------------------------------------------------------------
@@ -272,14 +263,17 @@ def edge_inputs(config: AllegroConfig, graph: Graph) -> EdgeInputs:
 
 
 class TwoBodyEmbedding(nn.Module):
-    """Initial edge latent ``x_ij`` ``(E, latent_dim)`` and features ``V_ij`` ``(E, D, C)``."""
+    """Initial edge latent ``x_ij`` ``(E, latent_dim)`` and features ``V_ij``.
+
+    ``V_ij`` is a list of ``(l_max+1)²`` arrays ``(E, C)``, one per component.
+    """
 
     config: AllegroConfig
 
     @nn.compact
     def __call__(
         self, species: jax.Array, senders: jax.Array, receivers: jax.Array, edges: EdgeInputs
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, list[jax.Array]]:
         cfg = self.config
         dt = cfg.jnp_dtype
         emb = SpeciesEmbedding(cfg.n_species, cfg.species_embed_dim, dtype=dt, name="species")(
@@ -317,11 +311,11 @@ class AllegroLayer(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        v: jax.Array,
+        v: list[jax.Array],
         senders: jax.Array,
         n_nodes: int,
         edges: EdgeInputs,
-    ) -> tuple[jax.Array, jax.Array | None]:
+    ) -> tuple[jax.Array, list[jax.Array] | None]:
         cfg = self.config
         dt = cfg.jnp_dtype
         n_l, c = cfg.l_max + 1, cfg.channels
