@@ -105,3 +105,18 @@ __all__ = [
     "nacl_system",
     "skip_unless_available",
 ]
+
+
+def atoms_steps_per_s(step, n_atoms: int, repeats: int = 3) -> float:
+    """Throughput of ``step()`` (which must block until done): atoms · steps per second,
+    from the median of ``repeats`` warm calls."""
+    import time
+
+    import numpy as np
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return n_atoms / float(np.median(times))

@@ -14,8 +14,6 @@ whose compiled program needs more memory than is available is skipped in ``setup
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
@@ -24,6 +22,7 @@ from bench._common import (
     GRID_N,
     MODELS,
     TIMEOUT_S,
+    atoms_steps_per_s,
     build_potential,
     check_fits,
     config_for,
@@ -65,12 +64,7 @@ class ModelEnergyForces:
 
     def track_atoms_steps_per_s(self, model: str, grid_n: int, dtype: str) -> float:
         """Atoms · steps per second (median of 3 warm evaluations)."""
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            self._step()
-            times.append(time.perf_counter() - t0)
-        return self.n_atoms / float(np.median(times))
+        return atoms_steps_per_s(self._step, self.n_atoms)
 
     track_atoms_steps_per_s.unit = "atoms*steps/s"  # type: ignore[attr-defined]
 

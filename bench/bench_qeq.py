@@ -62,8 +62,16 @@ class _Setup:
         self.system, self.params, self.nl = system, params, nl
         # params and the neighbor list are jit arguments, not closed-over constants
         # (XLA would constant-fold the pair geometry of large systems).
-        self.args = (system.positions, system.cell, jnp.asarray(chi), jnp.asarray(hard),
-                     jnp.asarray(sigma), system.total_charge, params, nl)
+        self.args = (
+            system.positions,
+            system.cell,
+            jnp.asarray(chi),
+            jnp.asarray(hard),
+            jnp.asarray(sigma),
+            system.total_charge,
+            params,
+            nl,
+        )
         self.solve = jax.jit(partial(qeq.solve_arrays, method=method, tol=TOL))
         self.result = self.solve(*self.args)
         jax.block_until_ready(self.result)
@@ -123,6 +131,7 @@ class QeqEnergyForces(_Setup):
 
     def setup(self, n_atoms: int) -> None:
         self._build(round(n_atoms ** (1 / 3)), "cg")
+
         def energy(pos, *rest):
             return qeq.solve_arrays(pos, *rest, method="cg", tol=TOL).energy
 
@@ -160,9 +169,11 @@ def main() -> None:
         f.setup(n_atoms)
         row["ef"] = _median_time(partial(f.time_energy_forces, n_atoms))
         dense = f"{row['dense']:.4f}" if "dense" in row else "-"
-        print(f"{n_atoms:<6} {c.params.method:<6} {dense:<9} {row['cg']:<9.4f} "
-              f"{int(c.result.iterations):<6} {int(c.warm_result.iterations):<8} {row['ef']:.4f}",
-              flush=True)
+        print(
+            f"{n_atoms:<6} {c.params.method:<6} {dense:<9} {row['cg']:<9.4f} "
+            f"{int(c.result.iterations):<6} {int(c.warm_result.iterations):<8} {row['ef']:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

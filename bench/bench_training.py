@@ -11,8 +11,6 @@ it is not a training module.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +24,7 @@ from bench._common import (
     TRAIN_FORCE_WEIGHT,
     TRAIN_GRID_N,
     TRAIN_LR,
+    atoms_steps_per_s,
     build_potential,
     check_fits,
     config_for,
@@ -111,12 +110,7 @@ class TrainStep:
 
     def track_atoms_steps_per_s(self, model: str, grid_n: int, dtype: str) -> float:
         """Training throughput: atoms in the batch · steps per second (median of 3)."""
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            self._run()
-            times.append(time.perf_counter() - t0)
-        return self.n_atoms / float(np.median(times))
+        return atoms_steps_per_s(self._run, self.n_atoms)
 
     track_atoms_steps_per_s.unit = "atoms*steps/s"  # type: ignore[attr-defined]
 

@@ -44,7 +44,9 @@ def nacl_grid(n: int, spacing: float = 2.2, rattle: float = 0.0, seed: int = 0) 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on one CPU with generated data")
     p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
-    p.add_argument("--n", type=int, default=4, help="NaCl grid sites per axis (default 4: 64 atoms)")
+    p.add_argument(
+        "--n", type=int, default=4, help="NaCl grid sites per axis (default 4: 64 atoms)"
+    )
 
 
 def main(args: argparse.Namespace | None = None) -> int:
@@ -76,7 +78,9 @@ def main(args: argparse.Namespace | None = None) -> int:
     summary["qeq"] = {
         "total_charge": float(np.sum(rc.charges)),
         "cg_iterations": int(rc.iterations),
-        "max_charge_diff_dense_cg": float(np.max(np.abs(np.asarray(rd.charges) - np.asarray(rc.charges)))),
+        "max_charge_diff_dense_cg": float(
+            np.max(np.abs(np.asarray(rd.charges) - np.asarray(rc.charges)))
+        ),
         "energy_eV": float(rc.energy),
     }
     steps.update()

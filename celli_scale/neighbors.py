@@ -113,9 +113,7 @@ def neighbor_list(
     if not r_cut > 0:
         raise ValueError(f"r_cut must be positive, got {r_cut}")
     if isinstance(system.positions, jax.core.Tracer):
-        raise ValueError(
-            "neighbor_list needs concrete positions; inside jit use neighbor_list_fn"
-        )
+        raise ValueError("neighbor_list needs concrete positions; inside jit use neighbor_list_fn")
     pos = np.asarray(system.positions, dtype=float)
     cell = None if system.cell is None else np.asarray(system.cell, dtype=float)
     i, j, s, _ = cellmod.host_pairs(pos, cell, system.pbc, r_cut)
@@ -202,10 +200,16 @@ def neighbor_list_fn(
     def build(positions: jax.Array, cell_now: jax.Array | None = None) -> NeighborList:
         n = positions.shape[0]
         c = cell_now if cell_now is not None else (jnp.asarray(cell) if periodic else None)
-        img = (shifts_f.astype(positions.dtype) @ c) if periodic else jnp.zeros((1, 3), positions.dtype)
+        img = (
+            (shifts_f.astype(positions.dtype) @ c)
+            if periodic
+            else jnp.zeros((1, 3), positions.dtype)
+        )
         vec = positions[None, :, None, :] - positions[:, None, None, :] + img[None, None, :, :]
         d2 = jnp.sum(vec**2, axis=-1)  # (i, j, s)
-        self_pair = jnp.eye(n, dtype=bool)[:, :, None] & jnp.all(shifts_f == 0, axis=1)[None, None, :]
+        self_pair = (
+            jnp.eye(n, dtype=bool)[:, :, None] & jnp.all(shifts_f == 0, axis=1)[None, None, :]
+        )
         inside = (d2 < r_cut_f**2) & ~self_pair
         flat = inside.reshape(-1)
         n_pairs = jnp.sum(flat, dtype=jnp.int32)

@@ -142,7 +142,9 @@ class Potential:
             )
         return idx.astype(np.int32)
 
-    def graph(self, system: System, n_atoms: int | None = None, edge_capacity: int | None = None) -> Graph:
+    def graph(
+        self, system: System, n_atoms: int | None = None, edge_capacity: int | None = None
+    ) -> Graph:
         """Host-side graph of a concrete ``system``, optionally padded to ``n_atoms`` atoms
         and ``edge_capacity`` edges."""
         dtype = self.config.jnp_dtype
@@ -222,7 +224,9 @@ class Potential:
             # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
             outs = [self._single(s, n_pad) for s in systems]
             outs = [
-                o if o.stress is not None else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
+                o
+                if o.stress is not None
+                else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
                 for o in outs
             ]
             return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)

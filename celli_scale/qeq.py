@@ -338,7 +338,13 @@ def solve_arrays(
         d = jnp.where(real, hard + self_diag, 1.0)
         d = jax.lax.stop_gradient(jnp.where(d > 0, d, 1.0))
         q, lam, iterations, indefinite, ref = _cg(
-            apply_a, b, total_charge, m, d, q0=q0, tol=float(tol),
+            apply_a,
+            b,
+            total_charge,
+            m,
+            d,
+            q0=q0,
+            tol=float(tol),
             maxiter=max(100, 2 * n) if maxiter is None else int(maxiter),
         )
     aq = apply_a(q)

@@ -199,8 +199,10 @@ class System:
                     + (" ..." if idx.size > 10 else "")
                 )
             cell_np = None if self.cell is None else np.asarray(self.cell, dtype=float)
-            if min_distance > 0 and pos_np.shape[0] > 1 and (
-                self.cell is None or _is_concrete(self.cell)
+            if (
+                min_distance > 0
+                and pos_np.shape[0] > 1
+                and (self.cell is None or _is_concrete(self.cell))
             ):
                 i, j, _, d = cellmod.host_pairs(pos_np, cell_np, self.pbc, min_distance)
                 if i.size:
@@ -261,9 +263,7 @@ def _check_species(species: np.ndarray) -> None:
     bad = (species < 1) | (species > MAX_Z)
     if bad.any():
         idx = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"unknown atomic number {species[idx]} at atom {idx} (must be 1..{MAX_Z})"
-        )
+        raise ValueError(f"unknown atomic number {species[idx]} at atom {idx} (must be 1..{MAX_Z})")
 
 
 def _check_cell(cell: np.ndarray, pbc: tuple[bool, bool, bool]) -> None:
@@ -304,9 +304,7 @@ class Batch:
         raise AttributeError("Batch is immutable")
 
     def tree_flatten(self):
-        return (self.positions, self.species, self.mask, self.cell, self.total_charge), (
-            self.pbc,
-        )
+        return (self.positions, self.species, self.mask, self.cell, self.total_charge), (self.pbc,)
 
     @classmethod
     def tree_unflatten(cls, aux, children):

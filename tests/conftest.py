@@ -19,9 +19,7 @@ import celli_scale as cs  # noqa: E402
 
 def rocksalt(n: int = 2, a: float = 5.64, rattle: float = 0.0, seed: int = 0) -> cs.System:
     """Conventional rock-salt cells (8 atoms each), ``n`` along x, neutral Na/Cl."""
-    base = np.array(
-        [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], dtype=float
-    )
+    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], dtype=float)
     na = base
     cl = base + np.array([0.5, 0, 0])
     frac = np.concatenate([na, cl])

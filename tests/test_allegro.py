@@ -30,16 +30,28 @@ R_CUT = 3.5
 
 def small_config(**kw) -> dict:
     cfg = dict(
-        name="allegro", r_cut=R_CUT, l_max=2, channels=4, n_layers=2, n_radial=4,
-        species=SPECIES, radial_mlp=(16,), latent_dim=16, species_embed_dim=4,
-        latent_mlp=(16,), edge_eng_mlp=(8,), avg_num_neighbors=6.0, dtype="float64",
+        name="allegro",
+        r_cut=R_CUT,
+        l_max=2,
+        channels=4,
+        n_layers=2,
+        n_radial=4,
+        species=SPECIES,
+        radial_mlp=(16,),
+        latent_dim=16,
+        species_embed_dim=4,
+        latent_mlp=(16,),
+        edge_eng_mlp=(8,),
+        avg_num_neighbors=6.0,
+        dtype="float64",
     )
     cfg.update(kw)
     return cfg
 
 
-def make_graph(system: System, r_cut: float, species=SPECIES, pad_atoms=0, pad_edges=0,
-               total_charge=None) -> Graph:
+def make_graph(
+    system: System, r_cut: float, species=SPECIES, pad_atoms=0, pad_edges=0, total_charge=None
+) -> Graph:
     """Padded Graph of a concrete system (extra atoms/edges masked out)."""
     nl = neighbor_list(system, r_cut)
     pos = np.asarray(system.positions, dtype=float)
@@ -61,10 +73,15 @@ def make_graph(system: System, r_cut: float, species=SPECIES, pad_atoms=0, pad_e
     cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, float)
     q = system.total_charge if total_charge is None else total_charge
     return Graph(
-        positions=jnp.asarray(pos), species=jnp.asarray(spec),
-        node_mask=jnp.asarray(node_mask), cell=jnp.asarray(cell),
-        total_charge=jnp.asarray(q, dtype=jnp.float64), senders=jnp.asarray(snd),
-        receivers=jnp.asarray(rcv), shifts=jnp.asarray(shf), edge_mask=jnp.asarray(edge_mask),
+        positions=jnp.asarray(pos),
+        species=jnp.asarray(spec),
+        node_mask=jnp.asarray(node_mask),
+        cell=jnp.asarray(cell),
+        total_charge=jnp.asarray(q, dtype=jnp.float64),
+        senders=jnp.asarray(snd),
+        receivers=jnp.asarray(rcv),
+        shifts=jnp.asarray(shf),
+        edge_mask=jnp.asarray(edge_mask),
         periodic=system.cell is not None,
     )
 
@@ -89,9 +106,23 @@ def crystal(seed=1) -> System:
     """8 atoms in a 5 Å triclinic-ish cell (cut-off reaches several images)."""
     cell = np.array([[5.0, 0.0, 0.0], [0.6, 5.2, 0.0], [0.3, -0.4, 4.8]])
     frac = np.random.default_rng(seed).uniform(0, 1, (8, 3))
-    frac = np.concatenate([np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
-                                     [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0.5, 0.5, 0.5]])
-                           + 0.08 * (frac - 0.5)])
+    frac = np.concatenate(
+        [
+            np.array(
+                [
+                    [0, 0, 0],
+                    [0.5, 0.5, 0],
+                    [0.5, 0, 0.5],
+                    [0, 0.5, 0.5],
+                    [0.5, 0, 0],
+                    [0, 0.5, 0],
+                    [0, 0, 0.5],
+                    [0.5, 0.5, 0.5],
+                ]
+            )
+            + 0.08 * (frac - 0.5)
+        ]
+    )
     z = np.array([11, 17, 17, 11, 17, 11, 11, 17])
     return System(frac @ cell, z, cell=cell, pbc=True)
 
@@ -117,6 +148,7 @@ class Jitted:
             def e(p):
                 out = model.apply(params, graph.replace(positions=p))
                 return out.energy, out
+
             (_, out), grad = jax.value_and_grad(e, has_aux=True)(graph.positions)
             return out, grad
 
@@ -165,8 +197,9 @@ def test_tensor_product_equivariant(parity):
     d_in = np.asarray(irreps_in.D_from_matrix(jnp.asarray(R)))
     d_out = np.asarray(irreps_out.D_from_matrix(jnp.asarray(R)))
     out = channelwise_tp(v, g, plan)
-    out_rot = channelwise_tp(jnp.einsum("ij,ejc->eic", d_in, v),
-                             jnp.einsum("ij,ejc->eic", d_in, g), plan)
+    out_rot = channelwise_tp(
+        jnp.einsum("ij,ejc->eic", d_in, v), jnp.einsum("ij,ejc->eic", d_in, g), plan
+    )
     np.testing.assert_allclose(out_rot, np.einsum("ij,ejc->eic", d_out, out), atol=1e-12)
     # the invariant slots agree with the scalars-only shortcut of the last layer
     slots = [plan.path_slot[k] for k in plan.by_l[0]]
@@ -184,8 +217,13 @@ def test_locality(model_params):
     pos = np.asarray(s.positions)
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
     # an (i, j, m) chain: d(i, j) < r_cut, d(j, m) < r_cut, d(i, m) > r_cut + 0.3
-    chain = [(i, j, m) for i in range(len(pos)) for j in range(len(pos)) for m in range(len(pos))
-             if 0 < d[i, j] < R_CUT - 0.3 and 0 < d[j, m] < R_CUT - 0.3 and d[i, m] > R_CUT + 0.3]
+    chain = [
+        (i, j, m)
+        for i in range(len(pos))
+        for j in range(len(pos))
+        for m in range(len(pos))
+        if 0 < d[i, j] < R_CUT - 0.3 and 0 < d[j, m] < R_CUT - 0.3 and d[i, m] > R_CUT + 0.3
+    ]
     assert chain, "test geometry has no second-neighbour chain"
     i, j, m = chain[0]
     g = make_graph(s, R_CUT)
@@ -216,8 +254,9 @@ def test_forces_match_finite_differences(model_params, periodic):
         for k in range(3):
             dp = np.zeros_like(pos)
             dp[a, k] = h
-            fd[a, k] = -(float(f(jnp.asarray(pos + dp)).energy)
-                         - float(f(jnp.asarray(pos - dp)).energy)) / (2 * h)
+            fd[a, k] = -(
+                float(f(jnp.asarray(pos + dp)).energy) - float(f(jnp.asarray(pos - dp)).energy)
+            ) / (2 * h)
     assert np.abs(forces).max() > 1e-3  # non-trivial
     np.testing.assert_allclose(forces, fd, rtol=0, atol=1e-6 * np.abs(forces).max())
 
@@ -244,8 +283,9 @@ def test_e3_and_permutation_invariance(model_params, periodic):
         out = model.apply(params, make_graph(s2, R_CUT))
         assert abs(float(out.energy) - e_ref) <= 1e-9 * abs(e_ref), name
         ne = np.asarray(ref.node_energies)
-        np.testing.assert_allclose(out.node_energies, ne if pm is None else ne[pm],
-                                   rtol=0, atol=1e-9 * scale, err_msg=name)
+        np.testing.assert_allclose(
+            out.node_energies, ne if pm is None else ne[pm], rtol=0, atol=1e-9 * scale, err_msg=name
+        )
 
 
 def test_reflection_breaks_so3_only_model():
@@ -255,8 +295,11 @@ def test_reflection_breaks_so3_only_model():
     g = make_graph(s, R_CUT)
     params = jax.jit(model.model.init)(jax.random.PRNGKey(1), g)
     e = float(model.apply(params, g).energy)
-    e_ref = float(model.apply(params, make_graph(System(-np.asarray(s.positions),
-                                                        np.asarray(s.species)), R_CUT)).energy)
+    e_ref = float(
+        model.apply(
+            params, make_graph(System(-np.asarray(s.positions), np.asarray(s.species)), R_CUT)
+        ).energy
+    )
     assert abs(e - e_ref) > 1e-8 * abs(e)
 
 

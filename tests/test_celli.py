@@ -25,8 +25,15 @@ from celli_scale.system import System
 
 def celli_config(**kw) -> dict:
     # l_max=1 keeps compile times short; the l_max=2 tensor product is tested with Allegro
-    cfg = small_config(name="celli", l_max=1, chi_mlp=(8,), charge_embed_mlp=(8,),
-                       charge_embed_dim=4, feedback_mlp=(8,), feedback_init=0.5)
+    cfg = small_config(
+        name="celli",
+        l_max=1,
+        chi_mlp=(8,),
+        charge_embed_mlp=(8,),
+        charge_embed_dim=4,
+        feedback_mlp=(8,),
+        feedback_init=0.5,
+    )
     cfg.update(kw)
     return cfg
 
@@ -164,8 +171,13 @@ def test_invariance(celli, periodic):
         s2 = System(p2, z2, cell=c2, pbc=periodic)
         out = model.apply(params, celli_graph(s2, cfg, total_charge=-1.0))
         assert abs(float(out.energy) - float(ref.energy)) <= 1e-9 * abs(float(ref.energy)), name
-        np.testing.assert_allclose(out.charges, q_ref if pm is None else q_ref[pm],
-                                   rtol=0, atol=1e-9 * np.abs(q_ref).max(), err_msg=name)
+        np.testing.assert_allclose(
+            out.charges,
+            q_ref if pm is None else q_ref[pm],
+            rtol=0,
+            atol=1e-9 * np.abs(q_ref).max(),
+            err_msg=name,
+        )
 
 
 def test_padding_invariance(celli):

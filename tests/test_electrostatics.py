@@ -192,8 +192,9 @@ def test_direct_gaussian_analytic_pair():
     from scipy.special import erf
 
     g = np.sqrt(sig[0] ** 2 + sig[1] ** 2)
-    ref = COULOMB * (q[0] * q[1] * erf(2.5 / (np.sqrt(2) * g)) / 2.5
-                     + np.sum(q**2 / (2 * sig * np.sqrt(np.pi))))
+    ref = COULOMB * (
+        q[0] * q[1] * erf(2.5 / (np.sqrt(2) * g)) / 2.5 + np.sum(q**2 / (2 * sig * np.sqrt(np.pi)))
+    )
     assert float(el.energy(s, q, sig)) == pytest.approx(ref, rel=1e-13)
     assert float(el.energy(s, q)) == pytest.approx(COULOMB * q[0] * q[1] / 2.5, rel=1e-13)
 
@@ -275,7 +276,9 @@ def test_open_boundary_forces_finite_differences():
     pos0 = np.asarray(s.positions)
     params = el.prepare(cs.System(pos0, s.species), "direct")
     e_fn = lambda p: float(el.energy_arrays(p, None, q, sig, params))  # noqa: E731
-    f = -np.asarray(jax.grad(lambda p: el.energy_arrays(p, None, q, sig, params))(jnp.asarray(pos0)))
+    f = -np.asarray(
+        jax.grad(lambda p: el.energy_arrays(p, None, q, sig, params))(jnp.asarray(pos0))
+    )
     assert np.allclose(f, -_central(e_fn, pos0, 1e-5), atol=1e-7 * np.abs(f).max())
 
 
@@ -283,7 +286,9 @@ def test_grad_through_system_constructor():
     """jax.grad through cs.System(p, ...) with traced positions uses the dense path."""
     s, q, _ = random_system(6, 9)
     params = el.prepare(s, "ewald", 1e-8)
-    g = jax.grad(lambda p: el.energy(cs.System(p, s.species, s.cell, pbc=True), q, params=params))(s.positions)
+    g = jax.grad(lambda p: el.energy(cs.System(p, s.species, s.cell, pbc=True), q, params=params))(
+        s.positions
+    )
     f_nl = forces(s, q, None, params, el.real_space_neighbors(s, params))
     assert np.allclose(-np.asarray(g), np.asarray(f_nl), atol=1e-10)
 
@@ -330,7 +335,9 @@ def test_potential_is_charge_gradient_and_symmetric(method, gaussian):
     assert np.allclose(a @ q, phi, rtol=1e-11, atol=1e-11 * np.abs(phi).max())
     assert np.all(np.linalg.eigvalsh(a) > 0) or sig is None  # Gaussians: A positive definite
     # jit and dense fallback (no neighbor list inside jit) agree with the host path
-    phi_jit = np.asarray(jax.jit(lambda p, qq: el.potential_arrays(p, cell, qq, sig, params))(s.positions, q))
+    phi_jit = np.asarray(
+        jax.jit(lambda p, qq: el.potential_arrays(p, cell, qq, sig, params))(s.positions, q)
+    )
     assert np.allclose(phi_jit, phi, rtol=1e-11, atol=1e-11 * np.abs(phi).max())
 
 
@@ -343,7 +350,9 @@ def test_padding_changes_nothing(method):
     cell = s.cell if params.periodic else None
     n_pad = 3
     # padding atoms on top of a real atom and at NaN-free garbage positions, with junk charges
-    pos_p = jnp.concatenate([s.positions, jnp.stack([s.positions[0], s.positions[0], s.positions[1]])])
+    pos_p = jnp.concatenate(
+        [s.positions, jnp.stack([s.positions[0], s.positions[0], s.positions[1]])]
+    )
     q_p = jnp.concatenate([jnp.asarray(q), jnp.array([5.0, -3.0, 2.0])])
     sig_p = jnp.concatenate([jnp.asarray(sig), jnp.array([0.0, -1.0, 0.0])])
     mask = jnp.arange(s.n_atoms + n_pad) < s.n_atoms
@@ -353,7 +362,7 @@ def test_padding_changes_nothing(method):
     phi1 = np.asarray(el.potential_arrays(pos_p, cell, q_p, sig_p, params, mask=mask))
     assert e1 == pytest.approx(e0, rel=1e-12)
     assert np.allclose(phi1[: s.n_atoms], phi0, rtol=1e-12, atol=1e-12)
-    assert np.all(phi1[s.n_atoms:] == 0)
+    assert np.all(phi1[s.n_atoms :] == 0)
 
     def loss(p, qq, ss):
         return el.energy_arrays(p, cell, qq, ss, params, mask=mask)
@@ -361,7 +370,7 @@ def test_padding_changes_nothing(method):
     grads = jax.grad(loss, argnums=(0, 1, 2))(pos_p, q_p, sig_p)  # traced: dense path
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
-        assert np.all(np.asarray(g)[s.n_atoms:] == 0)
+        assert np.all(np.asarray(g)[s.n_atoms :] == 0)
     g_ref = jax.grad(lambda p: el.energy_arrays(p, cell, q, sig, params))(s.positions)
     assert np.allclose(np.asarray(grads[0])[: s.n_atoms], np.asarray(g_ref), atol=1e-10)
 
@@ -385,9 +394,13 @@ def test_auto_method_rule():
     s, q, _ = random_system(5, 14)
     assert el.prepare(s).method == "ewald"
     assert el.prepare(cs.System(s.positions, s.species)).method == "direct"
-    big = cs.System(np.random.default_rng(0).uniform(0, 30, (el.AUTO_PME_MIN_ATOMS, 3)),
-                    np.ones(el.AUTO_PME_MIN_ATOMS, int),
-                    cell=np.eye(3) * 30, pbc=True, validate=False)
+    big = cs.System(
+        np.random.default_rng(0).uniform(0, 30, (el.AUTO_PME_MIN_ATOMS, 3)),
+        np.ones(el.AUTO_PME_MIN_ATOMS, int),
+        cell=np.eye(3) * 30,
+        pbc=True,
+        validate=False,
+    )
     assert el.prepare(big).method == "pme"
 
 

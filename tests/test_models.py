@@ -13,8 +13,16 @@ from conftest import random_cluster, rocksalt
 import celli_scale as cs
 from celli_scale.models import MODEL_NAMES
 
-SMALL = dict(r_cut=3.6, l_max=2, channels=4, n_layers=2, n_radial=4, radial_mlp=[8],
-             dtype="float64", avg_num_neighbors=8.0)
+SMALL = dict(
+    r_cut=3.6,
+    l_max=2,
+    channels=4,
+    n_layers=2,
+    n_radial=4,
+    radial_mlp=[8],
+    dtype="float64",
+    avg_num_neighbors=8.0,
+)
 
 
 def small_pot(name: str, example: cs.System, seed: int = 0) -> cs.Potential:
@@ -114,7 +122,9 @@ def test_stress_matches_strain_finite_differences(pot, periodic):
             eps[a, b] += sgn * h / 2
             eps[b, a] += sgn * h / 2
             d = np.eye(3) + eps
-            e.append(float(pot(cs.System(pos @ d, periodic.species, cell=cell @ d, pbc=True)).energy))
+            e.append(
+                float(pot(cs.System(pos @ d, periodic.species, cell=cell @ d, pbc=True)).energy)
+            )
         fd = (e[0] - e[1]) / (2 * h) / vol
         assert abs(stress[a, b] - fd) < 1e-6 * max(1.0, np.abs(stress).max())
 
@@ -126,7 +136,7 @@ def test_padding_and_batching_invariance(pot, periodic):
     energy, forces, _, out = pot._evaluate(pot.params, g, True)
     assert _rel(energy, ref.energy) < 1e-12
     assert _rel(np.asarray(forces)[: periodic.n_atoms], ref.forces) < 1e-10
-    assert np.all(np.asarray(forces)[periodic.n_atoms:] == 0)
+    assert np.all(np.asarray(forces)[periodic.n_atoms :] == 0)
     # a batch with a second, smaller-cell structure gives each structure's own result
     other = rocksalt(1, a=5.3, rattle=0.05, seed=9)
     batch = cs.Batch.from_systems([periodic, other], n_atoms=11)
@@ -144,7 +154,9 @@ def test_ase_calculator_matches_potential(pot, periodic):
     assert abs(atoms.get_potential_energy() - float(ref.energy)) < 1e-10
     np.testing.assert_allclose(atoms.get_forces(), ref.forces, atol=1e-10)
     s = np.asarray(ref.stress)
-    np.testing.assert_allclose(atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atol=1e-12)
+    np.testing.assert_allclose(
+        atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atol=1e-12
+    )
 
 
 def test_save_load_roundtrip(pot, periodic, tmp_path):

@@ -24,8 +24,17 @@ from celli_scale.neighbors import neighbor_list
 
 SPECIES = (1, 8)
 R_CUT = 3.0
-SMALL = dict(r_cut=R_CUT, l_max=2, channels=4, n_layers=2, n_radial=4, radial_mlp=(8,),
-             dtype="float64", avg_num_neighbors=4.0, species=SPECIES)
+SMALL = dict(
+    r_cut=R_CUT,
+    l_max=2,
+    channels=4,
+    n_layers=2,
+    n_radial=4,
+    radial_mlp=(8,),
+    dtype="float64",
+    avg_num_neighbors=4.0,
+    species=SPECIES,
+)
 N_PAD, E_PAD = 12, 160  # one padded shape for most graphs: one compilation per model
 
 
@@ -52,10 +61,15 @@ def make_graph(system: cs.System, n_pad: int | None = N_PAD, e_pad: int | None =
     shifts[:ne] = np.asarray(nl.shifts)[:ne]
     cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell)
     return Graph(
-        positions=jnp.asarray(pos), species=jnp.asarray(sp),
-        node_mask=jnp.arange(n_pad) < n, cell=jnp.asarray(cell),
-        total_charge=jnp.asarray(0.0), senders=jnp.asarray(snd), receivers=jnp.asarray(rcv),
-        shifts=jnp.asarray(shifts), edge_mask=jnp.arange(e_pad) < ne,
+        positions=jnp.asarray(pos),
+        species=jnp.asarray(sp),
+        node_mask=jnp.arange(n_pad) < n,
+        cell=jnp.asarray(cell),
+        total_charge=jnp.asarray(0.0),
+        senders=jnp.asarray(snd),
+        receivers=jnp.asarray(rcv),
+        shifts=jnp.asarray(shifts),
+        edge_mask=jnp.arange(e_pad) < ne,
         periodic=bool(np.any(system.pbc)),
     )
 
@@ -82,7 +96,7 @@ def randomise(params, seed: int, scale: float = 1.0):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return tree.unflatten(
-        [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+        [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
     )
 
 
@@ -289,9 +303,10 @@ def test_channelwise_conv_matches_e3nn_tensor_product(irreps_in):
     np.testing.assert_allclose(got.array, ref.array, rtol=1e-12, atol=1e-12)
     # the path weights multiply one path each (scaling path 0 changes exactly one block)
     w2 = w.at[:, :, 0].set(2.0)
-    diff = channelwise_conv(x, y, w2, snd, rcv, keep).array - channelwise_conv(
-        x, y, w, snd, rcv, keep
-    ).array
+    diff = (
+        channelwise_conv(x, y, w2, snd, rcv, keep).array
+        - channelwise_conv(x, y, w, snd, rcv, keep).array
+    )
     assert 0 < np.count_nonzero(np.abs(diff).sum(axis=(0, 1)) > 1e-12) < diff.shape[-1]
 
 

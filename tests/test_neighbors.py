@@ -13,7 +13,9 @@ from celli_scale import neighbors as nb
 
 def _pair_set(i, j, s):
     s = np.rint(np.asarray(s)).astype(int)
-    return set(zip(np.asarray(i).tolist(), np.asarray(j).tolist(), map(tuple, s.tolist())))
+    return set(
+        zip(np.asarray(i).tolist(), np.asarray(j).tolist(), map(tuple, s.tolist()), strict=True)
+    )
 
 
 def _ase_set(system: cs.System, r_cut: float):
@@ -23,7 +25,9 @@ def _ase_set(system: cs.System, r_cut: float):
 
 def _nl_set(nl: nb.NeighborList):
     m = np.asarray(nl.mask)
-    return _pair_set(np.asarray(nl.senders)[m], np.asarray(nl.receivers)[m], np.asarray(nl.shifts)[m])
+    return _pair_set(
+        np.asarray(nl.senders)[m], np.asarray(nl.receivers)[m], np.asarray(nl.shifts)[m]
+    )
 
 
 def _random_system(kind: str, n: int, seed: int) -> cs.System:
@@ -38,8 +42,9 @@ def _random_system(kind: str, n: int, seed: int) -> cs.System:
     elif kind == "mixed":
         cell = np.array([[5.0, 0.0, 0.0], [1.0, 4.0, 0.0], [0.0, 0.0, 20.0]])
         frac = rng.uniform(0, 1, (n, 3))
-        return cs.System(frac @ cell, np.full(n, 8), cell=cell, pbc=(True, True, False),
-                         min_distance=0.0)
+        return cs.System(
+            frac @ cell, np.full(n, 8), cell=cell, pbc=(True, True, False), min_distance=0.0
+        )
     else:  # pragma: no cover
         raise ValueError(kind)
     frac = rng.uniform(-0.3, 1.3, (n, 3))  # also atoms outside the cell: wrapping is tested
@@ -100,7 +105,9 @@ def test_host_list_regrows_automatically():
 
 
 def test_batch_padding_invariance():
-    systems = [_random_system(k, n, seed=n) for k, n in [("open", 5), ("ortho", 9), ("triclinic", 7)]]
+    systems = [
+        _random_system(k, n, seed=n) for k, n in [("open", 5), ("ortho", 9), ("triclinic", 7)]
+    ]
     b1 = cs.Batch.from_systems(systems)
     b2 = cs.Batch.from_systems(systems, n_atoms=16)
     nl1 = nb.neighbor_list_batch(b1, 4.0)
@@ -110,14 +117,20 @@ def test_batch_padding_invariance():
         for nl in (nl1, nl2):
             m = np.asarray(nl.mask[k])
             got = _pair_set(
-                np.asarray(nl.senders[k])[m], np.asarray(nl.receivers[k])[m], np.asarray(nl.shifts[k])[m]
+                np.asarray(nl.senders[k])[m],
+                np.asarray(nl.receivers[k])[m],
+                np.asarray(nl.shifts[k])[m],
             )
             assert got == ref
             assert int(nl.n_pairs[k]) == len(ref)
         # padding atoms never appear in any pair
         pad = ~np.asarray(b2.mask[k])
-        used = np.concatenate([np.asarray(nl2.senders[k])[np.asarray(nl2.mask[k])],
-                               np.asarray(nl2.receivers[k])[np.asarray(nl2.mask[k])]])
+        used = np.concatenate(
+            [
+                np.asarray(nl2.senders[k])[np.asarray(nl2.mask[k])],
+                np.asarray(nl2.receivers[k])[np.asarray(nl2.mask[k])],
+            ]
+        )
         assert not np.any(pad[used])
 
 

@@ -142,8 +142,16 @@ def _objective(s, params, nl, method, tol=TOL):
         deform = jnp.eye(3) + strain
         cell = s.cell @ deform if periodic else None
         res = qeq.solve_arrays(
-            pos @ deform, cell, chi, hard, sigma, s.total_charge, params, nl,
-            method=method, tol=tol,
+            pos @ deform,
+            cell,
+            chi,
+            hard,
+            sigma,
+            s.total_charge,
+            params,
+            nl,
+            method=method,
+            tol=tol,
         )
         return res.energy + 5.0 * jnp.dot(w, res.charges)
 
@@ -155,8 +163,13 @@ def test_implicit_gradients_match_finite_differences_and_dense(case):
     s, chi, hard, sigma, params, nl = _case(case)
     s = s.replace(total_charge=1.0)
     gaussian = sigma is not None
-    args = [jnp.asarray(chi), jnp.asarray(hard), None if sigma is None else jnp.asarray(sigma),
-            s.positions, jnp.zeros((3, 3))]
+    args = [
+        jnp.asarray(chi),
+        jnp.asarray(hard),
+        None if sigma is None else jnp.asarray(sigma),
+        s.positions,
+        jnp.zeros((3, 3)),
+    ]
     argnums = (0, 1, 3, 4) + ((2,) if gaussian else ())
     f_cg = _objective(s, params, nl, "cg")
     f_dense = _objective(s, params, nl, "dense")
@@ -167,8 +180,13 @@ def test_implicit_gradients_match_finite_differences_and_dense(case):
     steps = {0: 1e-4, 1: 1e-4, 2: 1e-5, 3: 1e-4, 4: 1e-5}
     for k, argnum in enumerate(argnums):
         gc, gd = np.asarray(g_cg[k]), np.asarray(g_dense[k])
-        np.testing.assert_allclose(gc, gd, rtol=1e-7, atol=1e-8 * np.abs(gd).max(),
-                                   err_msg=f"implicit vs dense, argument {argnum}")
+        np.testing.assert_allclose(
+            gc,
+            gd,
+            rtol=1e-7,
+            atol=1e-8 * np.abs(gd).max(),
+            err_msg=f"implicit vs dense, argument {argnum}",
+        )
         v = rng.normal(size=gc.shape)
         if argnum == 4:
             v = v + v.T  # symmetric strain
@@ -177,8 +195,13 @@ def test_implicit_gradients_match_finite_differences_and_dense(case):
         plus[argnum] = args[argnum] + h * v
         minus[argnum] = args[argnum] - h * v
         fd = (float(f_jit(*plus)) - float(f_jit(*minus))) / (2 * h)
-        np.testing.assert_allclose(np.sum(gc * v), fd, rtol=2e-7, atol=1e-8,
-                                   err_msg=f"implicit vs finite differences, argument {argnum}")
+        np.testing.assert_allclose(
+            np.sum(gc * v),
+            fd,
+            rtol=2e-7,
+            atol=1e-8,
+            err_msg=f"implicit vs finite differences, argument {argnum}",
+        )
 
 
 def test_energy_gradient_is_force_at_fixed_charges_and_dE_dQ_is_mu():
@@ -197,8 +220,12 @@ def test_energy_gradient_is_force_at_fixed_charges_and_dE_dQ_is_mu():
 
     g_star, de_dq = jax.jit(jax.grad(e_star, (0, 1)))(s.positions, -1.0)
     g_fixed = jax.jit(jax.grad(e_fixed))(s.positions)
-    np.testing.assert_allclose(np.asarray(g_star), np.asarray(g_fixed), rtol=1e-8,
-                               atol=1e-9 * float(jnp.abs(g_fixed).max()))
+    np.testing.assert_allclose(
+        np.asarray(g_star),
+        np.asarray(g_fixed),
+        rtol=1e-8,
+        atol=1e-9 * float(jnp.abs(g_fixed).max()),
+    )
     assert float(jnp.abs(g_fixed).max()) > 1e-3  # a real force, not a trivial zero
     np.testing.assert_allclose(float(de_dq), float(res.chemical_potential), rtol=1e-9)
 
@@ -229,8 +256,9 @@ def test_non_convergence_raises():
     with pytest.raises(qeq.QeqConvergenceError, match="residual"):
         qeq.check(res)
     # check=False hands back the (reported) unconverged result
-    res2 = qeq.solve(s, chi, hard, sigma, method="cg", maxiter=2, params=params, neighbors=nl,
-                     check=False)
+    res2 = qeq.solve(
+        s, chi, hard, sigma, method="cg", maxiter=2, params=params, neighbors=nl, check=False
+    )
     assert not bool(res2.converged)
     # a looser tolerance on check() than the solve's own is still a failure when missed
     ok = qeq.solve(s, chi, hard, sigma, method="cg", params=params, neighbors=nl, tol=1e-4)
@@ -252,8 +280,16 @@ def test_indefinite_hardness_raises(method):
     with pytest.raises(ValueError, match="not positive definite"):
         qeq.solve(two, [0.0, 1.0], [5.0, 5.0], None, method=method)
     params = el.prepare(two, "direct")
-    res = solve_arrays(two.positions, None, jnp.array([0.0, 1.0]), jnp.array([5.0, 5.0]),
-                           None, 0.0, params, method=method)
+    res = solve_arrays(
+        two.positions,
+        None,
+        jnp.array([0.0, 1.0]),
+        jnp.array([5.0, 5.0]),
+        None,
+        0.0,
+        params,
+        method=method,
+    )
     assert bool(res.indefinite) and not bool(res.converged)
     # with Gaussian charges the same pair is fine
     ok = qeq.solve(two, [0.0, 1.0], [5.0, 5.0], [0.7, 0.7], method=method)
@@ -302,41 +338,47 @@ def test_padding_changes_nothing(case):
     for method in ("dense", "cg"):
 
         def e_pad(p, method=method):
-            r = qeq.solve_arrays(p, cell, chi_p, hard_p, sig_p, 1.0, params, nl, mask,
-                                 method=method, tol=TOL)
+            r = qeq.solve_arrays(
+                p, cell, chi_p, hard_p, sig_p, 1.0, params, nl, mask, method=method, tol=TOL
+            )
             return r.energy, r
 
         def e_ref(p, method=method):
-            r = qeq.solve_arrays(p, cell, chi, hard, sigma, 1.0, params, nl, method=method,
-                                 tol=TOL)
+            r = qeq.solve_arrays(p, cell, chi, hard, sigma, 1.0, params, nl, method=method, tol=TOL)
             return r.energy, r
 
         g_pad, got = jax.jit(jax.grad(e_pad, has_aux=True))(pos_p)
         g_ref, ref = jax.jit(jax.grad(e_ref, has_aux=True))(s.positions)
         qeq.check(got)
-        np.testing.assert_allclose(np.asarray(got.charges[:n]), np.asarray(ref.charges),
-                                   atol=1e-11)
+        np.testing.assert_allclose(np.asarray(got.charges[:n]), np.asarray(ref.charges), atol=1e-11)
         assert np.all(np.asarray(got.charges[n:]) == 0.0)
         np.testing.assert_allclose(float(got.energy), float(ref.energy), rtol=1e-11)
         np.testing.assert_allclose(float(got.residual), float(ref.residual), atol=TOL)
-        np.testing.assert_allclose(np.asarray(g_pad[:n]), np.asarray(g_ref), rtol=1e-8,
-                                   atol=1e-9)
+        np.testing.assert_allclose(np.asarray(g_pad[:n]), np.asarray(g_ref), rtol=1e-8, atol=1e-9)
         assert np.all(np.asarray(g_pad[n:]) == 0.0)
 
 
 def test_jit_and_vmap():
     s, chi, hard, sigma, params, nl = _case("open-gauss")
-    f = jax.jit(lambda c, t: qeq.solve_arrays(s.positions, None, c, hard, sigma, t, params,
-                                              tol=TOL))
+    f = jax.jit(
+        lambda c, t: qeq.solve_arrays(s.positions, None, c, hard, sigma, t, params, tol=TOL)
+    )
     chis = jnp.stack([jnp.asarray(chi), jnp.asarray(chi)[::-1]])
     totals = jnp.array([0.0, 2.0])
     batched = jax.vmap(f)(chis, totals)
     qeq.check(batched)
     for k in range(2):
-        one = qeq.solve(s.replace(total_charge=float(totals[k])), np.asarray(chis[k]), hard,
-                        sigma, method="dense", params=params)
-        np.testing.assert_allclose(np.asarray(batched.charges[k]), np.asarray(one.charges),
-                                   atol=1e-9)
+        one = qeq.solve(
+            s.replace(total_charge=float(totals[k])),
+            np.asarray(chis[k]),
+            hard,
+            sigma,
+            method="dense",
+            params=params,
+        )
+        np.testing.assert_allclose(
+            np.asarray(batched.charges[k]), np.asarray(one.charges), atol=1e-9
+        )
     bad = batched.replace(converged=jnp.array([True, False]))
     with pytest.raises(qeq.QeqConvergenceError):
         qeq.check(bad)
@@ -353,8 +395,13 @@ def test_second_order_force_loss_gradient():
     s, chi, hard, sigma, params, nl = _case("open-gauss")
 
     def loss(chi, method):
-        forces = -jax.grad(lambda p: qeq.solve_arrays(p, None, chi, hard, sigma, 0.0, params,
-                                                      method=method, tol=TOL).energy)(s.positions)
+        forces = -jax.grad(
+            lambda p: (
+                qeq.solve_arrays(
+                    p, None, chi, hard, sigma, 0.0, params, method=method, tol=TOL
+                ).energy
+            )
+        )(s.positions)
         return jnp.sum(forces**2)
 
     g = jax.jit(jax.grad(loss), static_argnums=1)

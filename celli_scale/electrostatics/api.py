@@ -69,7 +69,9 @@ def _inputs(positions, cell, charges, sigma, params, mask):
     else:
         mask = jnp.asarray(mask)
         if mask.shape != (n,) or mask.dtype != jnp.bool_:
-            raise ValueError(f"mask must be a bool array of shape ({n},), got {mask.dtype}{tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a bool array of shape ({n},), got {mask.dtype}{tuple(mask.shape)}"
+            )
     if params.periodic:
         if cell is None:
             raise ValueError(f"method {params.method!r} needs a cell; got cell=None")
@@ -77,7 +79,11 @@ def _inputs(positions, cell, charges, sigma, params, mask):
         if cell.shape != (3, 3):
             raise ValueError(f"cell must have shape (3, 3), got {tuple(cell.shape)}")
     if sigma is not None:
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, dtype=dtype), (n,)) if jnp.ndim(sigma) == 0 else jnp.asarray(sigma, dtype=dtype)
+        sigma = (
+            jnp.broadcast_to(jnp.asarray(sigma, dtype=dtype), (n,))
+            if jnp.ndim(sigma) == 0
+            else jnp.asarray(sigma, dtype=dtype)
+        )
         validate_sigma(sigma, n, mask)
         if params.periodic and _is_concrete(sigma) and _is_concrete(mask):
             s_max = float(np.max(np.where(np.asarray(mask), np.asarray(sigma), 0.0)))
@@ -119,11 +125,17 @@ def _compute(positions, cell, q, sigma, mask, params, neighbors, want):
         real = ewald.real_space_pairs(positions, cell, q, sigma, alpha, neighbors, mask, want)
     else:
         shifts = params.shifts.astype(positions.dtype)
-        real = ewald.real_space_dense(positions, cell, q, sigma, alpha, params.r_cut, shifts, mask, want)
+        real = ewald.real_space_dense(
+            positions, cell, q, sigma, alpha, params.r_cut, shifts, mask, want
+        )
     if params.method == "ewald":
-        recip = ewald.reciprocal(positions, cell, q, alpha, params.kvecs.astype(positions.dtype), want)
+        recip = ewald.reciprocal(
+            positions, cell, q, alpha, params.kvecs.astype(positions.dtype), want
+        )
     else:
-        recip = pme.reciprocal(positions, cell, q, alpha, params.grid, params.order, params.bsp_moduli, want)
+        recip = pme.reciprocal(
+            positions, cell, q, alpha, params.grid, params.order, params.bsp_moduli, want
+        )
     phi_self = ewald.self_and_background_potential(q, sigma, alpha, volume)
     if want == "phi":
         return jnp.where(mask, real + recip + phi_self, 0.0)

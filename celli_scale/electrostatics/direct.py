@@ -15,9 +15,7 @@ from jax.scipy.special import erf
 from celli_scale.units import COULOMB
 
 
-def pair_matrix(
-    positions: jax.Array, sigma: jax.Array | None, mask: jax.Array
-) -> jax.Array:
+def pair_matrix(positions: jax.Array, sigma: jax.Array | None, mask: jax.Array) -> jax.Array:
     """``(N, N)`` matrix ``A_ij`` (1/Å, without COULOMB) of the pair kernel, zero on the
     diagonal and for masked atoms."""
     n = positions.shape[0]

@@ -95,6 +95,7 @@ def reciprocal(positions, cell, q, alpha, kvecs, want):
     k = 2.0 * jnp.pi * kvecs @ jnp.linalg.inv(cell).T  # (K, 3)
     k2 = jnp.sum(k * k, axis=1)
     g = 4.0 * jnp.pi / k2 * jnp.exp(-k2 / (4.0 * alpha**2))
+
     def terms(acc, kb, gb):
         kr = positions @ kb.T  # (N, B)
         c, s = jnp.cos(kr), jnp.sin(kr)

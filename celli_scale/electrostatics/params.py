@@ -21,7 +21,8 @@ so ``s = t`` solves both, and α is chosen to minimise a cost model. The relativ
 error is of the same order or smaller (the tests check both). For PME the B-spline
 interpolation error, estimated from the first alias of the dominant wave vectors
 ``k ≈ 3α`` as ``2 (x / (1 − x))^p`` with ``x = 3 α h / 2π`` (grid spacing h along a
-lattice vector, order p; checked against Ewald in the tests), is kept below ε/√2 too, and the grid also resolves ``k_cut`` (Nyquist).
+lattice vector, order p; checked against Ewald in the tests), is kept below ε/√2 too,
+and the grid also resolves ``k_cut`` (Nyquist).
 """
 
 from __future__ import annotations
@@ -103,13 +104,19 @@ def validate_sigma(sigma: Any, n_atoms: int, mask: Any = None) -> None:
         return
     s = np.asarray(sigma, dtype=float)
     if s.shape not in ((), (n_atoms,)):
-        raise ValueError(f"sigma must have shape ({n_atoms},) (one width per atom, Å), got {s.shape}")
+        raise ValueError(
+            f"sigma must have shape ({n_atoms},) (one width per atom, Å), got {s.shape}"
+        )
     s = np.broadcast_to(s, (n_atoms,))
-    real = np.ones(n_atoms, bool) if mask is None or not _is_concrete(mask) else np.asarray(mask, bool)
+    real = (
+        np.ones(n_atoms, bool) if mask is None or not _is_concrete(mask) else np.asarray(mask, bool)
+    )
     bad = real & ~(np.isfinite(s) & (s > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"sigma must be finite and > 0 (Gaussian width in Å); atom {i} has sigma={s[i]}")
+        raise ValueError(
+            f"sigma must be finite and > 0 (Gaussian width in Å); atom {i} has sigma={s[i]}"
+        )
 
 
 def _kp_exponent(eps: float, alpha_a: float) -> float:
@@ -147,8 +154,10 @@ def _half_kvectors(cell: np.ndarray, k_cut: float) -> np.ndarray:
     nmax = np.floor(k_cut * np.linalg.norm(cell, axis=1) / (2 * np.pi)).astype(int)
     rng = [np.arange(-m, m + 1) for m in nmax]
     n = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
-    half = (n[:, 0] > 0) | ((n[:, 0] == 0) & (n[:, 1] > 0)) | (
-        (n[:, 0] == 0) & (n[:, 1] == 0) & (n[:, 2] > 0)
+    half = (
+        (n[:, 0] > 0)
+        | ((n[:, 0] == 0) & (n[:, 1] > 0))
+        | ((n[:, 0] == 0) & (n[:, 1] == 0) & (n[:, 2] > 0))
     )
     n = n[half]
     k2 = np.sum((n @ recip) ** 2, axis=1)
@@ -259,18 +268,25 @@ def prepare(
         )
     if not any(pbc):
         if method in ("ewald", "pme"):
-            raise ValueError(f"method={method!r} needs a periodic system (pbc all True); "
-                             "use method='direct' for an open system")
-        return ElectrostaticsParams(kvecs=empty, shifts=empty, bsp_moduli=(), method="direct",
-                                    n_atoms=n_atoms, accuracy=eps)
+            raise ValueError(
+                f"method={method!r} needs a periodic system (pbc all True); "
+                "use method='direct' for an open system"
+            )
+        return ElectrostaticsParams(
+            kvecs=empty, shifts=empty, bsp_moduli=(), method="direct", n_atoms=n_atoms, accuracy=eps
+        )
     if method == "direct":
-        raise ValueError("method='direct' is for open systems; this system is periodic "
-                         "(use 'ewald', 'pme' or 'auto')")
+        raise ValueError(
+            "method='direct' is for open systems; this system is periodic "
+            "(use 'ewald', 'pme' or 'auto')"
+        )
     if method == "auto":
         method = "ewald" if n_atoms < AUTO_PME_MIN_ATOMS else "pme"
     if not _is_concrete(system.cell):
-        raise ValueError("prepare needs a concrete cell (call it outside jit/grad and pass "
-                         "params= to the traced computation)")
+        raise ValueError(
+            "prepare needs a concrete cell (call it outside jit/grad and pass "
+            "params= to the traced computation)"
+        )
     if method == "pme" and (order < 4 or order > 12 or order % 2):
         raise ValueError(f"PME B-spline order must be even and in 4..12, got {order}")
     cell = np.asarray(system.cell, dtype=float)
@@ -278,18 +294,30 @@ def prepare(
     alpha, s, r_cut, k_cut, extra = _choose(method, cell, n_atoms, eps, sigma_max, order)
     dtype = system.positions.dtype
     shifts = cellmod.image_shifts(cell, pbc, r_cut * (1 + CELL_MARGIN))
-    common = dict(shifts=jnp.asarray(shifts, dtype=dtype), n_atoms=n_atoms, accuracy=eps,
-                  alpha=float(alpha), r_cut=float(r_cut), s=float(s))
+    common = dict(
+        shifts=jnp.asarray(shifts, dtype=dtype),
+        n_atoms=n_atoms,
+        accuracy=eps,
+        alpha=float(alpha),
+        r_cut=float(r_cut),
+        s=float(s),
+    )
     if method == "ewald":
         kv = _half_kvectors(cell, k_cut * (1 + CELL_MARGIN))
-        return ElectrostaticsParams(kvecs=jnp.asarray(kv, dtype=dtype), bsp_moduli=(),
-                                    method="ewald", **common)
+        return ElectrostaticsParams(
+            kvecs=jnp.asarray(kv, dtype=dtype), bsp_moduli=(), method="ewald", **common
+        )
     grid = extra["grid"]
     mods = (
         _bspline_moduli(grid[0], order),
         _bspline_moduli(grid[1], order),
         _bspline_moduli(grid[2], order)[: grid[2] // 2 + 1],
     )
-    return ElectrostaticsParams(kvecs=empty, bsp_moduli=tuple(jnp.asarray(m, dtype=dtype) for m in mods),
-                                method="pme", grid=tuple(int(g) for g in grid), order=int(order),
-                                **common)
+    return ElectrostaticsParams(
+        kvecs=empty,
+        bsp_moduli=tuple(jnp.asarray(m, dtype=dtype) for m in mods),
+        method="pme",
+        grid=tuple(int(g) for g in grid),
+        order=int(order),
+        **common,
+    )

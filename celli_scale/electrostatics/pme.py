@@ -29,7 +29,9 @@ def _spline_stencil(positions, cell, grid, order):
     j = jnp.arange(order)
     base_i = base.astype(jnp.int32)
     idx = [(base_i[:, a, None] - j[None, :]) % grid[a] for a in range(3)]  # (N, p) each
-    flat = (idx[0][:, :, None, None] * grid[1] + idx[1][:, None, :, None]) * grid[2] + idx[2][:, None, None, :]
+    flat = (idx[0][:, :, None, None] * grid[1] + idx[1][:, None, :, None]) * grid[2] + idx[2][
+        :, None, None, :
+    ]
     wt = w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
     n = positions.shape[0]
     return flat.reshape(n, -1), wt.reshape(n, -1)
@@ -63,9 +65,12 @@ def reciprocal(positions, cell, q, alpha, grid, order, moduli, want):
     """PME reciprocal part: φ (N,) in V or energy () in eV."""
     flat, wt = _spline_stencil(positions, cell, grid, order)
     size = grid[0] * grid[1] * grid[2]
-    charge_grid = jnp.zeros(size, positions.dtype).at[flat.reshape(-1)].add(
-        (wt * q[:, None]).reshape(-1)
-    ).reshape(grid)
+    charge_grid = (
+        jnp.zeros(size, positions.dtype)
+        .at[flat.reshape(-1)]
+        .add((wt * q[:, None]).reshape(-1))
+        .reshape(grid)
+    )
     g = _influence(cell, alpha, grid, moduli)
     phi_grid = jnp.fft.irfftn(jnp.fft.rfftn(charge_grid) * g, s=grid)
     if want == "phi":

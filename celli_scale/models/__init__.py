@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flax import struct
 import jax
+from flax import struct
 
 from celli_scale.models.config import ModelConfig
 from celli_scale.models.layers import Graph
@@ -57,7 +57,9 @@ def make_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
     if isinstance(config, ModelConfig):
         return config
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError("model config must be a dict with a 'name' key (allegro|celli|nequip|mace)")
+        raise ValueError(
+            "model config must be a dict with a 'name' key (allegro|celli|nequip|mace)"
+        )
     cfg_cls, _ = _lookup(config["name"])
     return cfg_cls.from_dict(dict(config))
 
@@ -66,7 +68,8 @@ def build(config: dict[str, Any] | ModelConfig):
     """Build a flax model from a config dict or dataclass (``species`` must be set)."""
     cfg = make_config(config)
     _, model_cls = _lookup(cfg.name)
-    cfg.n_species  # raises a clear error if species is unknown
+    if cfg.species is None:
+        raise ValueError("config species is not set: pass species or an example system")
     return model_cls(cfg)
 
 

@@ -139,7 +139,7 @@ class TPPlan(NamedTuple):
     path_slot: tuple[int, ...]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tp_plan(l_max: int, parity: bool) -> TPPlan:
     """Clebsch–Gordan paths of ``(l ≤ l_max) ⊗ (l ≤ l_max) -> (l ≤ l_max)``.
 
@@ -161,8 +161,7 @@ def tp_plan(l_max: int, parity: bool) -> TPPlan:
                     nz = np.argwhere(np.abs(cg[:, :, m3]) > 1e-12)
                     terms.append(
                         tuple(
-                            (off[l1] + int(a), off[l2] + int(b), float(cg[a, b, m3]))
-                            for a, b in nz
+                            (off[l1] + int(a), off[l2] + int(b), float(cg[a, b, m3])) for a, b in nz
                         )
                     )
                 k += 2 * l3 + 1
@@ -396,7 +395,10 @@ class Allegro(nn.Module):
             )
         e = EdgeEnergyReadout(cfg, name="readout")(x, graph.senders, n, edges)
         node_e = PerSpeciesScaleShift(
-            cfg.n_species, cfg.energy_scale, cfg.energy_shift, dtype=cfg.jnp_dtype,
+            cfg.n_species,
+            cfg.energy_scale,
+            cfg.energy_shift,
+            dtype=cfg.jnp_dtype,
             name="scale_shift",
         )(e, graph.species, graph.node_mask)
         return ModelOutput(energy=jnp.sum(node_e), node_energies=node_e)

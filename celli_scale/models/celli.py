@@ -188,9 +188,18 @@ class ChargeEquilibration(nn.Module):
             )
         cell = graph.cell if graph.elec_params.periodic else None
         result = qeq.solve_arrays(
-            graph.positions, cell, chi, hardness, sigma, graph.total_charge.astype(dt),
-            graph.elec_params, graph.elec_neighbors, mask=graph.node_mask,
-            method=cfg.qeq_method, tol=cfg.qeq_tol, maxiter=cfg.qeq_maxiter,
+            graph.positions,
+            cell,
+            chi,
+            hardness,
+            sigma,
+            graph.total_charge.astype(dt),
+            graph.elec_params,
+            graph.elec_neighbors,
+            mask=graph.node_mask,
+            method=cfg.qeq_method,
+            tol=cfg.qeq_tol,
+            maxiter=cfg.qeq_maxiter,
         )
         return result, sigma
 
@@ -244,13 +253,21 @@ class CELLI(nn.Module):
             )
         e = EdgeEnergyReadout(cfg, name="readout")(x, graph.senders, n, edges)
         node_e = PerSpeciesScaleShift(
-            cfg.n_species, cfg.energy_scale, cfg.energy_shift, dtype=cfg.jnp_dtype,
+            cfg.n_species,
+            cfg.energy_scale,
+            cfg.energy_shift,
+            dtype=cfg.jnp_dtype,
             name="scale_shift",
         )(e, graph.species, graph.node_mask)
         q = result.charges
         cell = graph.cell if graph.elec_params.periodic else None
         e_elec = el.energy_arrays(
-            graph.positions, cell, q, sigma, graph.elec_params, graph.elec_neighbors,
+            graph.positions,
+            cell,
+            q,
+            sigma,
+            graph.elec_params,
+            graph.elec_neighbors,
             mask=graph.node_mask,
         )
         return ModelOutput(

@@ -91,7 +91,7 @@ def _sh_like(l_max: int, parity: bool) -> e3nn.Irreps:
     return e3nn.Irreps.spherical_harmonics(l_max, p=-1 if parity else 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _symmetric_plan(irreps_in: str, correlation: int, irreps_out: str):
     """Monomial form of the symmetric contraction.
 
@@ -256,4 +256,3 @@ class MACE(nn.Module):
             cfg.n_species, cfg.energy_scale, cfg.energy_shift, dtype=dt, name="scale_shift"
         )(e, species, graph.node_mask)
         return ModelOutput(energy=jnp.sum(node_e), node_energies=node_e)
-

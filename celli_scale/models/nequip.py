@@ -62,7 +62,7 @@ from celli_scale.models.layers import (
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tp_plan(irreps_in: str, irreps_y: str, keep: tuple[str, ...]):
     """Static plan of the channel-wise tensor product ``x (irreps_in) ⊗ Y (irreps_y)``.
 
@@ -76,8 +76,8 @@ def _tp_plan(irreps_in: str, irreps_y: str, keep: tuple[str, ...]):
     if any(mul != 1 for mul, _ in ir_in) or any(mul != 1 for mul, _ in ir_y):
         raise ValueError("channel-wise tensor product expects multiplicity-1 irreps per channel")
     paths = []
-    for (_, a), sa in zip(ir_in, ir_in.slices()):
-        for (_, b), sb in zip(ir_y, ir_y.slices()):
+    for (_, a), sa in zip(ir_in, ir_in.slices(), strict=True):
+        for (_, b), sb in zip(ir_y, ir_y.slices(), strict=True):
             for c in a * b:
                 if c in keep_set:
                     paths.append((c, a, b, sa, sb))
@@ -140,14 +140,12 @@ def channelwise_conv(
     n_edges = y.shape[0]
     if not isinstance(weights, (list, tuple)):
         sizes = np.cumsum([0] + [mul for mul, _ in irreps_out])
-        weights = [weights[:, :, a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+        weights = [weights[:, :, a:b] for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     # path weights expanded to the K output columns by broadcasts (no gather, whose
     # transpose would be a slow scatter-add): columns of one output irrep are contiguous
     cols = [
-        jnp.broadcast_to(w[:, :, :, None], w.shape + (ir.dim,)).reshape(
-            n_edges, -1, mul * ir.dim
-        )
-        for w, (mul, ir) in zip(weights, irreps_out)
+        jnp.broadcast_to(w[:, :, :, None], w.shape + (ir.dim,)).reshape(n_edges, -1, mul * ir.dim)
+        for w, (mul, ir) in zip(weights, irreps_out, strict=True)
     ]
     w_cols = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]  # (E, C, K)
     xe = x.array[receivers]  # (E, C, D_in)
