@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-full lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
+# Quick suite (tiny sizes, each benchmark once): a regression smoke test in minutes.
 bench: $(STAMP)
 	$(BIN)/asv machine --yes --machine local >/dev/null
-	$(BIN)/asv run --python=same --machine local --quick --show-stderr
+	CELLI_BENCH_QUICK=1 $(BIN)/asv run --python=same --machine local --quick --show-stderr
+
+# Full sizes (long: select families with BENCH="PME|Ewald" etc.).
+BENCH ?= .
+bench-full: $(STAMP)
+	$(BIN)/asv machine --yes --machine local >/dev/null
+	$(BIN)/asv run --python=same --machine local --bench "$(BENCH)" --show-stderr
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff
