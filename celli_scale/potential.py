@@ -166,7 +166,7 @@ class Potential:
         cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, dtype=float)
         elec_params = elec_nl = None
         if self.is_charge_model:
-            elec_params, elec_nl = self._electrostatics(system, n_pad)
+            elec_params, elec_nl = self._electrostatics(system)
         return Graph(
             positions=jnp.asarray(pos, dtype=dtype),
             species=jnp.asarray(spc),
@@ -182,7 +182,7 @@ class Potential:
             periodic=system.periodic,
         )
 
-    def _electrostatics(self, system: System, n_pad: int):
+    def _electrostatics(self, system: System):
         from celli_scale import electrostatics as el
 
         # The learnt Gaussian widths are only known inside jit; the model caps them at
