@@ -371,6 +371,22 @@ class EdgeEnergyReadout(nn.Module):
 # --------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------
+def atomic_energies(cfg: AllegroConfig, x: jax.Array, graph: Graph, n: int, edges) -> jax.Array:
+    """Edge-energy readout summed onto centre atoms, then per-species scale and shift (eV).
+
+    Call from inside a compact ``__call__``: the submodules ("readout", "scale_shift") bind
+    to the calling model, so Allegro and CELLI share this code and parameter layout.
+    """
+    e = EdgeEnergyReadout(cfg, name="readout")(x, graph.senders, n, edges)
+    return PerSpeciesScaleShift(
+        cfg.n_species,
+        cfg.energy_scale,
+        cfg.energy_shift,
+        dtype=cfg.jnp_dtype,
+        name="scale_shift",
+    )(e, graph.species, graph.node_mask)
+
+
 class Allegro(nn.Module):
     """Strictly local Allegro potential; ``apply(params, graph) -> ModelOutput`` (eV).
 
@@ -393,14 +409,7 @@ class Allegro(nn.Module):
             x, v = AllegroLayer(cfg, scalars_only=last, name=f"layer_{k}")(
                 x, v, graph.senders, n, edges
             )
-        e = EdgeEnergyReadout(cfg, name="readout")(x, graph.senders, n, edges)
-        node_e = PerSpeciesScaleShift(
-            cfg.n_species,
-            cfg.energy_scale,
-            cfg.energy_shift,
-            dtype=cfg.jnp_dtype,
-            name="scale_shift",
-        )(e, graph.species, graph.node_mask)
+        node_e = atomic_energies(cfg, x, graph, n, edges)
         return ModelOutput(energy=jnp.sum(node_e), node_energies=node_e)
 
 
@@ -411,6 +420,7 @@ __all__ = [
     "EdgeEnergyReadout",
     "EdgeInputs",
     "TwoBodyEmbedding",
+    "atomic_energies",
     "channelwise_tp",
     "edge_inputs",
     "scalar_tp",

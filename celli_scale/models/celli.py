@@ -41,15 +41,14 @@ from celli_scale.models import ModelOutput
 from celli_scale.models.allegro import (
     AllegroConfig,
     AllegroLayer,
-    EdgeEnergyReadout,
     TwoBodyEmbedding,
+    atomic_energies,
     cast_graph,
     edge_inputs,
 )
 from celli_scale.models.layers import (
     MLP,
     Graph,
-    PerSpeciesScaleShift,
     SpeciesEmbedding,
     scatter_sum,
 )
@@ -251,14 +250,7 @@ class CELLI(nn.Module):
             x, v = AllegroLayer(cfg, scalars_only=last, name=f"layer_{k}")(
                 x, v, graph.senders, n, edges
             )
-        e = EdgeEnergyReadout(cfg, name="readout")(x, graph.senders, n, edges)
-        node_e = PerSpeciesScaleShift(
-            cfg.n_species,
-            cfg.energy_scale,
-            cfg.energy_shift,
-            dtype=cfg.jnp_dtype,
-            name="scale_shift",
-        )(e, graph.species, graph.node_mask)
+        node_e = atomic_energies(cfg, x, graph, n, edges)
         q = result.charges
         cell = graph.cell if graph.elec_params.periodic else None
         e_elec = el.energy_arrays(
