@@ -194,13 +194,14 @@ class Potential:
             accuracy=self.config.elec_accuracy,
             sigma=None if sigma_max is None else np.full(system.n_atoms, float(sigma_max)),
         )
-        nl = el.real_space_neighbors(system, params, capacity=self._elec_capacity or None)
-        if nl is not None and nl.capacity > self._elec_capacity:
-            # grown: keep head-room so that the next structures reuse the compiled function
-            nl = el.real_space_neighbors(
-                system, params, capacity=int(np.ceil(nl.capacity * self.capacity_growth))
-            )
-            self._elec_capacity = nl.capacity
+        if not params.periodic:
+            return params, None
+        # same growth rule as the model's list: head-room so that later structures reuse
+        # the compiled function, one build per call
+        nl = neighbor_list(
+            system, params.r_cut, capacity=self._elec_capacity, growth=self.capacity_growth
+        )
+        self._elec_capacity = max(self._elec_capacity, nl.capacity)
         return params, nl
 
     # -- evaluation ---------------------------------------------------------------------

@@ -186,6 +186,13 @@ def _system_params(system, sigma, method, accuracy, params):
     return params
 
 
+def _on_system(kernel, system, charges, sigma, method, accuracy, params, neighbors):
+    """Run an ``*_arrays`` kernel on a System (parameters prepared unless given)."""
+    params = _system_params(system, sigma, method, accuracy, params)
+    cell = system.cell if params.periodic else None
+    return kernel(system.positions, cell, charges, sigma, params, neighbors)
+
+
 def energy(
     system,
     charges: jax.Array,
@@ -207,9 +214,7 @@ def energy(
       >>> e = energy(system, q, method="ewald", accuracy=1e-8)
       >>> forces = -jax.grad(lambda p: energy(system.replace(positions=p), q))(system.positions)
     """
-    params = _system_params(system, sigma, method, accuracy, params)
-    cell = system.cell if params.periodic else None
-    return energy_arrays(system.positions, cell, charges, sigma, params, neighbors)
+    return _on_system(energy_arrays, system, charges, sigma, method, accuracy, params, neighbors)
 
 
 def potential(
@@ -223,6 +228,4 @@ def potential(
     neighbors: NeighborList | None = None,
 ) -> jax.Array:
     """Potential ``φ_i = ∂E/∂q_i`` (V = eV/e) at every atom; see :func:`energy`."""
-    params = _system_params(system, sigma, method, accuracy, params)
-    cell = system.cell if params.periodic else None
-    return potential_arrays(system.positions, cell, charges, sigma, params, neighbors)
+    return _on_system(potential_arrays, system, charges, sigma, method, accuracy, params, neighbors)
