@@ -14,23 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-#: True when ``CELLI_BENCH_QUICK`` is set to anything but "" or "0".
-QUICK = os.environ.get("CELLI_BENCH_QUICK", "") not in ("", "0")
-
-if not QUICK and os.environ.get("CELLI_BENCH_JAX_CACHE", "x") != "":
-    # asv runs setup once per benchmark method and parameter combination, in a fresh
-    # process; a persistent compilation cache avoids recompiling the same function three
-    # times (time_, track_, peakmem_). It never changes a result.
-    import jax as _jax
-
-    _jax.config.update(
-        "jax_compilation_cache_dir",
-        os.environ.get("CELLI_BENCH_JAX_CACHE")
-        or os.path.expanduser("~/.cache/celli_scale/jax_bench"),
-    )
-    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-from celli_scale.scaling import (  # noqa: E402  (the benchmarks and the study share these)
+from celli_scale.scaling import (  # the benchmarks and the study share these
     FULL_HYPERPARAMS,
     MODEL_EXTRAS,
     QUICK_HYPERPARAMS,
@@ -43,11 +27,15 @@ from celli_scale.scaling import (  # noqa: E402  (the benchmarks and the study s
     nacl_system,
 )
 
+#: True when ``CELLI_BENCH_QUICK`` is set to anything but "" or "0".
+QUICK = os.environ.get("CELLI_BENCH_QUICK", "") not in ("", "0")
+
+
 #: Models compared (registry names).
 MODELS: tuple[str, ...] = ("allegro", "celli", "nequip", "mace")
 
 #: NaCl grid sites per axis (PEERS.md grid, spacing 2.2 Å): N = n³ atoms.
-GRID_N: tuple[int, ...] = (2, 3) if QUICK else (4, 6, 10, 16, 26)  # 64 ... 17576 atoms
+GRID_N: tuple[int, ...] = (3,) if QUICK else (4, 6, 10, 16, 26)  # 64 ... 17576 atoms
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
 #: Shared hyper-parameters in use (quick or full), as one dict.
@@ -57,14 +45,24 @@ EXTRAS: dict[str, dict[str, Any]] = QUICK_MODEL_EXTRAS if QUICK else MODEL_EXTRA
 #: Training-step benchmark: structures per batch and grid size.
 TRAIN_BATCH = 2 if QUICK else 4
 TRAIN_GRID_N: tuple[int, ...] = (2,) if QUICK else (4, 6)
+TRAIN_DTYPES: tuple[str, ...] = ("float32",) if QUICK else DTYPES
 TRAIN_LR = 1e-3
+TRAIN_SPRING = 1.0  # eV/Å², the harmonic-crystal labels
 TRAIN_FORCE_WEIGHT = 1.0
 
-#: Device-scaling benchmark (data-parallel: a batch of structures sharded over devices).
-SCALING_DEVICES: tuple[int, ...] = (1, 2, 4)
-SCALING_BATCH = 4  # divisible by every device count
+#: Scaling benchmarks (data-parallel: a batch of structures sharded over workers); quick
+#: mode compares CELLI with its strictly local trunk only (every worker is a subprocess).
+SCALING_MODELS: tuple[str, ...] = ("allegro", "celli") if QUICK else MODELS
+SCALING_DEVICES: tuple[int, ...] = (1, 2) if QUICK else (1, 2, 4)
+SCALING_PROCESSES: tuple[int, ...] = (1, 2)
+SCALING_BATCH = 4  # strong scaling: divisible by every worker count
+SCALING_PER_WORKER = 1 if QUICK else 2  # weak scaling: structures per worker
 SCALING_GRID_N = 2 if QUICK else 6
 SCALING_REPEATS = 1 if QUICK else 3
+
+#: Halo-cost benchmark: bricks of m³ owned atoms (CELLI's local trunk is Allegro's).
+HALO_MODELS: tuple[str, ...] = ("allegro", "nequip", "mace")
+HALO_GRID_M: tuple[int, ...] = (2,) if QUICK else (4, 6, 10)
 
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
@@ -93,12 +91,17 @@ __all__ = [
     "SCALING_BATCH",
     "SCALING_DEVICES",
     "SCALING_GRID_N",
+    "SCALING_MODELS",
+    "SCALING_PER_WORKER",
+    "SCALING_PROCESSES",
     "SCALING_REPEATS",
     "TIMEOUT_S",
     "TRAIN_BATCH",
+    "TRAIN_DTYPES",
     "TRAIN_FORCE_WEIGHT",
     "TRAIN_GRID_N",
     "TRAIN_LR",
+    "TRAIN_SPRING",
     "build_potential",
     "check_fits",
     "config_for",

@@ -67,9 +67,3 @@ class ModelEnergyForces:
         return atoms_steps_per_s(self._step, self.n_atoms)
 
     track_atoms_steps_per_s.unit = "atoms*steps/s"  # type: ignore[attr-defined]
-
-    def track_edges(self, model: str, grid_n: int, dtype: str) -> int:
-        """Directed edges within r_cut (the work unit of every model)."""
-        return int(np.asarray(self.graph.edge_mask).sum())
-
-    track_edges.unit = "edges"  # type: ignore[attr-defined]

@@ -1,11 +1,16 @@
-"""Device scaling, data-parallel (batch over devices): strong scaling of one energy +
-forces step on a fixed batch of ``SCALING_BATCH`` NaCl grids over 1, 2 and 4 devices.
+"""Sharded scaling, data-parallel (a batch of structures over workers): strong and weak
+scaling of one energy + forces step over devices (one process) and over processes (one
+device each, ``jax.distributed`` with gloo CPU collectives on 127.0.0.1).
 
-Each device count runs in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_
-device_count=D`` (the flag must be set before JAX starts), through the same code path as
-``celli-scale scale`` (:func:`celli_scale.scaling.run_points`). On a CPU the "devices"
-share the machine's cores, so the speed-up is bounded by the core count.
-This is not domain decomposition: every structure stays whole on one device.
+Strong scaling: a fixed batch of ``SCALING_BATCH`` NaCl grids. Weak scaling:
+``SCALING_PER_WORKER`` grids per worker. Each point runs in subprocess(es) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (the flag must be set before JAX
+starts), through the same code path as ``celli-scale scale``
+(:func:`celli_scale.scaling.run_points`). On a CPU the workers share the machine's cores,
+so the speed-up is bounded by the core count. This is not domain decomposition: every
+structure stays whole on one device (``bench_halo`` measures what a decomposition's halo
+costs). Metric: atoms · steps per second over the whole batch (median of the repeats);
+speed-up = throughput / one worker's, in strong and weak scaling alike.
 """
 
 from __future__ import annotations
@@ -13,61 +18,71 @@ from __future__ import annotations
 from bench._common import (
     EXTRAS,
     HYPERPARAMS,
-    MODELS,
     SCALING_BATCH,
     SCALING_DEVICES,
     SCALING_GRID_N,
+    SCALING_MODELS,
+    SCALING_PER_WORKER,
+    SCALING_PROCESSES,
     SCALING_REPEATS,
     TIMEOUT_S,
     skip_unless_available,
 )
 from celli_scale.scaling import model_config, run_points
 
+DTYPE = "float32"
 
-class DataParallelScaling:
-    """Throughput of a batch of structures sharded over 1, 2, 4 devices (float32)."""
 
-    params = (list(MODELS), list(SCALING_DEVICES))
-    param_names = ("model", "devices")
+def _throughput(model: str, devices: int, processes: int, mode: str) -> float:
+    """Run one point and return its atoms · steps / s (skip when it does not fit)."""
+    skip_unless_available(model)
+    workers = devices * processes
+    spec = {
+        "model": model,
+        "config": model_config(model, DTYPE, HYPERPARAMS, EXTRAS),
+        "sizes": [SCALING_GRID_N],
+        "dtype": DTYPE,
+        "devices": devices,
+        "processes": processes,
+        "batch": SCALING_BATCH if mode == "strong" else SCALING_PER_WORKER * workers,
+        "repeats": SCALING_REPEATS,
+        "spacing": 2.2,
+        "rattle": 0.05,
+        "seed": 0,
+        "memory_fraction": 0.85,
+    }
+    (row,) = run_points(spec, timeout_s=TIMEOUT_S)
+    status = row["status"]
+    if status.startswith("out of memory"):
+        raise NotImplementedError(status)
+    if status != "ok":
+        raise RuntimeError(f"{model} on {processes} x {devices} devices ({mode}): {status}")
+    return float(row["atoms_steps_per_s"])
+
+
+class DeviceScaling:
+    """One process, 1, 2, 4 devices; strong (fixed batch) and weak (batch per device)."""
+
+    params = (list(SCALING_MODELS), list(SCALING_DEVICES), ["strong", "weak"])
+    param_names = ("model", "devices", "mode")
     timeout = TIMEOUT_S
-    dtype = "float32"
 
-    def setup(self, model: str, devices: int) -> None:
-        skip_unless_available(model)
-        spec = {
-            "model": model,
-            "config": model_config(model, self.dtype, HYPERPARAMS, EXTRAS),
-            "sizes": [SCALING_GRID_N],
-            "dtype": self.dtype,
-            "devices": devices,
-            "batch": SCALING_BATCH,
-            "repeats": SCALING_REPEATS,
-            "spacing": 2.2,
-            "rattle": 0.05,
-            "seed": 0,
-            "memory_fraction": 0.85,
-        }
-        (self.row,) = run_points(spec, timeout_s=TIMEOUT_S)
-        status = self.row["status"]
-        if status.startswith("out of memory"):
-            raise NotImplementedError(status)
-        if status != "ok":
-            raise RuntimeError(f"{model} on {devices} devices: {status}")
-
-    def track_atoms_steps_per_s(self, model: str, devices: int) -> float:
-        """Atoms · steps per second over the whole batch (median of the repeats)."""
-        return float(self.row["atoms_steps_per_s"])
+    def track_atoms_steps_per_s(self, model: str, devices: int, mode: str) -> float:
+        """Atoms · steps per second over the whole batch (float32)."""
+        return _throughput(model, devices, 1, mode)
 
     track_atoms_steps_per_s.unit = "atoms*steps/s"  # type: ignore[attr-defined]
 
-    def track_seconds_per_step(self, model: str, devices: int) -> float:
-        """Wall-clock seconds of one data-parallel step of the batch."""
-        return float(self.row["seconds"])
 
-    track_seconds_per_step.unit = "seconds"  # type: ignore[attr-defined]
+class ProcessScaling:
+    """1 and 2 processes of one device each (``jax.distributed`` on 127.0.0.1)."""
 
-    def track_peak_rss_mb(self, model: str, devices: int) -> float:
-        """Peak resident memory of the worker process during the timed steps."""
-        return float(self.row["peak_rss_mb"])
+    params = (list(SCALING_MODELS), list(SCALING_PROCESSES), ["strong", "weak"])
+    param_names = ("model", "processes", "mode")
+    timeout = TIMEOUT_S
 
-    track_peak_rss_mb.unit = "MiB"  # type: ignore[attr-defined]
+    def track_atoms_steps_per_s(self, model: str, processes: int, mode: str) -> float:
+        """Atoms · steps per second over the whole batch (float32)."""
+        return _throughput(model, 1, processes, mode)
+
+    track_atoms_steps_per_s.unit = "atoms*steps/s"  # type: ignore[attr-defined]

@@ -7,6 +7,8 @@ import os
 # Multi-device bugs should surface in ordinary tests too (jax reads this on first import).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("CELLI_BENCH_QUICK", "1")
+# Tests never write the benchmarks' persistent compilation cache in the user's home.
+os.environ.setdefault("CELLI_BENCH_JAX_CACHE", "")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -63,7 +63,7 @@ def test_tiny_study_outputs(tiny_study):
 def test_tiny_study_slopes(tiny_study):
     cfg, rows, out = tiny_study
     md = (out / "results.md").read_text()
-    assert "data-parallel (batch over devices)" in md
+    assert "data-parallel (batch over devices" in md and "strong scaling" in md
     section = md.split("## Fitted slope")[1]
     slopes = dict(re.findall(r"^\| (\w+) \| ([-+0-9.e]+) \|$", section, flags=re.M))
     assert set(slopes) == set(cfg.models)
@@ -154,3 +154,95 @@ def test_cli_parser_shape():
     args = parser.parse_args(["scale", str(TINY), "--out", "x"])
     assert args.command == "scale" and args.config == str(TINY) and args.out == "x"
     assert parser.parse_args(["scale", "c.yaml"]).out == "out/scale"
+
+
+def _tiny_spec(**kw) -> dict:
+    d = yaml.safe_load(TINY.read_text())
+    hp = {**scaling.FULL_HYPERPARAMS, **d["hyperparams"]}
+    spec = {
+        "model": "allegro",
+        "config": scaling.model_config("allegro", "float32", hp, d["model_extras"]),
+        "sizes": [2],
+        "dtype": "float32",
+        "devices": 1,
+        "processes": 1,
+        "batch": 2,
+        "repeats": 1,
+        "spacing": 2.2,
+        "rattle": 0.05,
+        "seed": 0,
+        "memory_fraction": 0.85,
+    }
+    spec.update(kw)
+    return spec
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_stay_on_loopback():
+    (one,) = scaling.run_points(_tiny_spec(), timeout_s=600)
+    (two,) = scaling.run_points(_tiny_spec(processes=2), timeout_s=600)
+    assert one["status"] == "ok" and two["status"] == "ok", (one, two)
+    assert two["processes"] == 2 and two["workers"] == 2 and one["workers"] == 1
+    # the same batch, sharded over two jax.distributed processes: the same energies
+    assert two["energy_sum"] == pytest.approx(one["energy_sum"], rel=1e-5)
+    # the coordinator (and any collective) listens, and only on loopback
+    assert two["listening"], "no listening socket reported"
+    for addr in two["listening"]:
+        assert scaling._is_loopback(addr), two["listening"]
+
+
+@pytest.mark.slow
+def test_failing_processes_report_the_reason_and_do_not_hang():
+    bad = _tiny_spec(processes=2)
+    bad["config"] = {**bad["config"], "channels": 0}
+    (row,) = scaling.run_points(bad, timeout_s=300)
+    assert "channels" in row["status"], row
+
+
+def test_listening_addresses_sees_a_loopback_listener():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        found = scaling.listening_addresses()
+    assert f"127.0.0.1:{port}" in found
+    assert scaling._is_loopback("127.0.0.1:1") and scaling._is_loopback("::1:1")
+    assert scaling._is_loopback("::ffff:127.0.0.1:1")
+    assert not scaling._is_loopback("0.0.0.0:1") and not scaling._is_loopback("10.0.0.2:1")
+
+
+def test_weak_and_strong_batches_and_layout_validation():
+    base = {"models": ["allegro"], "sizes": [2], "devices": [1, 2], "processes": [1, 2]}
+    strong = scaling.StudyConfig.from_dict(base)
+    assert strong.worker_counts == (1, 2, 4)
+    assert strong.batch_size == 4 and strong.batch_for(2) == 4
+    weak = scaling.StudyConfig.from_dict({**base, "mode": "weak", "batch": 3})
+    assert [weak.batch_for(w) for w in (1, 2, 4)] == [3, 6, 12]
+    with pytest.raises(ValueError, match="mode"):
+        scaling.StudyConfig.from_dict({**base, "mode": "weakest"})
+    with pytest.raises(ValueError, match="processes"):
+        scaling.StudyConfig.from_dict({**base, "processes": [0]})
+    with pytest.raises(ValueError, match="batch"):
+        scaling.StudyConfig.from_dict({**base, "batch": 2})  # 4 workers
+
+
+def test_speedups_from_throughput_strong_and_weak():
+    def row(p, d, thr, n=64):
+        return {
+            "model": "a",
+            "n_atoms": n,
+            "processes": p,
+            "devices": d,
+            "workers": p * d,
+            "seconds": 1.0,
+            "atoms_steps_per_s": thr,
+            "status": "ok",
+        }
+
+    rows = [row(1, 1, 100.0), row(1, 2, 180.0), row(1, 4, 300.0), row(2, 1, 150.0)]
+    rows.append(row(1, 1, 1.0, n=8))  # a smaller size is ignored
+    sp = scaling.speedups(rows)
+    assert sp[("a", 64, "devices")] == [(1, 1.0), (2, 1.8), (4, 3.0)]
+    assert sp[("a", 64, "processes")] == [(1, 1.0), (2, 1.5)]
