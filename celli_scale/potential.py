@@ -97,8 +97,11 @@ class Potential:
         self._elec_capacity = 0
         efs = partial(_energy_and_derivatives, model)
         self._evaluate = jax.jit(efs, static_argnums=(2,))
+        # lax.map over the structures of a batch, not vmap: on CPU vmap's batched
+        # gathers/scatters were 1.2-1.8x slower per structure (bench/RESULTS.md).
         self._evaluate_batch = jax.jit(
-            lambda p, gs, stress: jax.vmap(lambda g: efs(p, g, stress))(gs), static_argnums=(2,)
+            lambda p, gs, stress: jax.lax.map(lambda g: efs(p, g, stress), gs),
+            static_argnums=(2,),
         )
 
     # -- construction -------------------------------------------------------------------
@@ -231,7 +234,7 @@ class Potential:
                 for o in outs
             ]
             return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
-        # one common edge capacity (the list only grows), then vmap over stacked graphs
+        # one common edge capacity (the list only grows), then map over stacked graphs
         graphs = [self.graph(s, n_atoms=n_pad) for s in systems]
         graphs = [
             g if g.senders.shape[0] == self._edge_capacity else self.graph(s, n_atoms=n_pad)
