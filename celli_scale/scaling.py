@@ -51,6 +51,7 @@ with an all-reduce, so it includes the slowest worker); ``atoms_steps_per_s`` is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -636,11 +637,11 @@ def run_points(spec: dict[str, Any], timeout_s: float = 3600.0, on_row=None) -> 
     rows: list[dict] = []
     lines: queue.Queue[str | None] = queue.Queue()
     address = f"127.0.0.1:{_free_loopback_port()}" if processes > 1 else None
-    logs = [_TempLog() for _ in range(processes)]
     procs: list[subprocess.Popen] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(_TempLog()) for _ in range(processes)]
+        stack.callback(lambda: [p.kill() for p in procs if p.poll() is None])
         for pid, errlog in enumerate(logs):
-            errlog.__enter__()
             dist = f"{address},{processes},{pid}" if address else None
             proc = subprocess.Popen(
                 cmd,
@@ -682,7 +683,9 @@ def run_points(spec: dict[str, Any], timeout_s: float = 3600.0, on_row=None) -> 
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
-        if timed_out or any(p.poll() not in (None, 0) for p in procs):
+        # the processes that ended badly on their own, before we kill the rest
+        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if timed_out or failed:
             for p in procs:
                 p.kill()
         for p in procs:
@@ -691,14 +694,8 @@ def run_points(spec: dict[str, Any], timeout_s: float = 3600.0, on_row=None) -> 
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+        failed = failed or [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
         tail = " | ".join(f"process {i}: {logs[i].tail()}" for i, _ in failed)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for errlog in logs:
-            errlog.__exit__(None, None, None)
     done = {r["n_grid"] for r in rows}
     why = (
         f"timeout after {timeout_s:.0f} s"
