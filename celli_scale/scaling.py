@@ -440,15 +440,10 @@ def measure_point(
 
 def _one_host() -> bool:
     """True when every JAX process runs on this machine (the study's own launches)."""
-    return os.environ.get(_DIST_ENV, "").split(",")[0].startswith("127.0.0.1:") or (
-        _jax_process_count() == 1
-    )
-
-
-def _jax_process_count() -> int:
     import jax
 
-    return jax.process_count()
+    address = os.environ.get(_DIST_ENV, "").split(",")[0]
+    return address.startswith("127.0.0.1:") or jax.process_count() == 1
 
 
 def _cpu_seconds() -> float:
