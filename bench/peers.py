@@ -23,10 +23,13 @@ compilation (XLA, AOTInductor) are outside the timed region on every side.
 The two sides need different interpreters (the peers' virtual environment has torch, not
 JAX), so every point runs in a subprocess::
 
-    python -m bench.peers                    # driver: all sides, writes out/peers/
-    python -m bench.peers --side ours  --model allegro --grid-n 10 --dtype float32
-    python -m bench.peers --side peers --model allegro --grid-n 10 --dtype float32 \
-        [--peer-mode aotinductor]
+    .venv/bin/python -m bench.peers          # driver: all sides, writes out/peers/
+    .venv/bin/python bench/peers.py --side ours --model allegro --grid-n 10 --dtype float32
+    /work/peers-venv/bin/python bench/peers.py --side peers --model allegro --grid-n 10 \
+        --dtype float32 [--peer-mode aotinductor]
+
+(The peers' interpreter must run the file, not ``-m bench.peers``: ``bench/__init__.py``
+imports JAX.) A single side prints its result row as JSON (or writes it to ``--result``).
 
 The driver
 
@@ -66,9 +69,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Interpreters of the two sides (flags and environment variables override them).
-#: Interpreters of the two sides: ours defaults to the one running the driver, the peers'
-#: to ``.venv-peers`` in the repository root (README: how to make it).
+#: Interpreters of the two sides (flags and environment variables override them): ours
+#: defaults to the one running the driver, the peers' to ``.venv-peers`` in the repository
+#: root (README: how to make it).
 DEFAULT_OURS_PYTHON = os.environ.get("CELLI_PEERS_OURS_PYTHON", sys.executable)
 DEFAULT_PEERS_PYTHON = os.environ.get(
     "CELLI_PEERS_PEERS_PYTHON",
@@ -122,8 +125,8 @@ MAPPING: dict[str, list[tuple[str, str, str]]] = {
         (
             "l_max 2, parity True (features 0e+1o+2e, Allegro's former 'o3_restricted')",
             "l_max 2, parity False (tensor track = irreps of the SH: 0e+1o+2e)",
-            "the peer's parity=True adds 1e/2o tensor features (dead for the energy with "
-            "2 layers, but computed); ours has no such mode",
+            "none with 2 layers: the peer's parity=True would add 1e/2o tensor features, "
+            "but it prunes them (no path to the scalar output) and builds the same network",
         ),
         ("channels 32", "num_tensor_features 32", ""),
         ("n_layers 2", "num_layers 2", ""),
@@ -158,10 +161,17 @@ MAPPING: dict[str, list[tuple[str, str, str]]] = {
             "mixing per l_out ((paths * 32, 32) matrices: 11264 weights)",
             "tp_path_channel_coupling True (default): one weight per (path, channel), "
             "channels never mixed (448 weights)",
-            "ours does ~35 x 32 x 32 extra multiply-adds per edge (layer 1); most of the "
-            "parameter difference",
+            "ours does ~35 x 32 x 32 extra multiply-adds per edge in the first layer (the "
+            "last computes scalars only); most of the parameter difference",
         ),
         ("MLPs with biases", "no biases (bias=False everywhere)", "~600 parameters"),
+        (
+            "dtype float32: geometry, basis and forces in float32",
+            "model_dtype float32: edge vectors, spherical harmonics and Bessel basis in "
+            "float64 (nequip's global dtype), cast to float32; forces accumulate into "
+            "float64 positions",
+            "the peer's float32 is partly float64 (its force sums are ~1e-18, ours ~1e-8)",
+        ),
     ],
     "mace": [
         ("r_cut 5", "r_max 5.0", ""),
@@ -219,6 +229,13 @@ MAPPING: dict[str, list[tuple[str, str, str]]] = {
             "the whole parameter difference; per-atom work, small next to the edges",
         ),
         ("MLPs with biases", "no biases", "~300 parameters"),
+        (
+            "dtype float32: geometry, basis and forces in float32",
+            "model_dtype float32: edge vectors, spherical harmonics and Bessel basis in "
+            "float64 (nequip's global dtype), cast to float32; forces accumulate into "
+            "float64 positions",
+            "the peer's float32 is partly float64 (its force sums are ~1e-18, ours ~1e-8)",
+        ),
     ],
 }
 
@@ -370,6 +387,38 @@ def _fd_check(energy_at, forces, atom: int = 0, h: float = 1e-4) -> dict[str, An
 # --------------------------------------------------------------------------------------
 # ours (JAX)
 # --------------------------------------------------------------------------------------
+def _check_ours_config(mc) -> None:
+    """Raise if our model's config differs from the constants the peers are built with
+    (the peers' environment cannot import celli_scale, so they are restated here)."""
+    want: dict[str, Any] = {
+        "r_cut": R_CUT,
+        "l_max": L_MAX,
+        "channels": CHANNELS,
+        "n_layers": N_LAYERS,
+        "n_radial": N_BESSEL,
+        "radial_mlp": RADIAL_MLP,
+        "avg_num_neighbors": AVG_NUM_NEIGHBORS,
+        "envelope_p": ENVELOPE_P,
+        "parity": True,
+    }
+    if mc.name == "allegro":
+        want.update(
+            latent_dim=ALLEGRO_LATENT,
+            latent_mlp=ALLEGRO_LATENT_MLP,
+            edge_eng_mlp=ALLEGRO_EDGE_ENG_MLP,
+            env_embed_mlp=(),
+        )
+    elif mc.name == "mace":
+        want.update(correlation=MACE_CORRELATION, hidden_l_max=1, readout_hidden=READOUT_HIDDEN)
+    elif mc.name == "nequip":
+        want.update(feature_parities="sh", readout_hidden=READOUT_HIDDEN)
+    have = {k: getattr(mc, k) for k in want}
+    have = {k: tuple(v) if isinstance(v, list) else v for k, v in have.items()}
+    diff = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if diff:
+        raise RuntimeError(f"our {mc.name} config differs from the peers' (ours, peers): {diff}")
+
+
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Build, check and time one of our models (interpreter: the repository's venv)."""
     import jax
@@ -378,17 +427,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from celli_scale import scaling
-
-    # the peers side rebuilds these settings by hand: make sure they are the same
-    hp = scaling.FULL_HYPERPARAMS
-    assert (hp["r_cut"], hp["l_max"], hp["channels"], hp["n_layers"], hp["n_radial"]) == (
-        R_CUT,
-        L_MAX,
-        CHANNELS,
-        N_LAYERS,
-        N_BESSEL,
-    ), hp
-    assert tuple(hp["radial_mlp"]) == RADIAL_MLP and hp["avg_num_neighbors"] == AVG_NUM_NEIGHBORS
 
     cfg = scaling.model_config(args.model, args.dtype)
     pot = scaling.build_potential(cfg)
@@ -404,6 +442,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         np.savez(args.npz, positions=pos, species=z, cell=cell, grid_n=args.grid_n)
 
     mc = pot.model.config
+    _check_ours_config(mc)
     row: dict[str, Any] = {
         "config": mc.to_dict(),
         "n_params": int(sum(x.size for x in jax.tree_util.tree_leaves(pot.params))),
