@@ -99,7 +99,7 @@ class HaloCost:
         self.device = fn.lower(pot.params, graph, owned).compile()
         check_fits(self.device)
         self.device_args = (pot.params, graph, owned)
-        self.bulk = pot._evaluate.lower(pot.params, bulk, False).compile()
+        self.bulk = pot.evaluate.lower(pot.params, bulk).compile()
         self.bulk_args = (pot.params, bulk)
         e = jax.block_until_ready(self.device(*self.device_args))[0]  # warm-up
         jax.block_until_ready(self.bulk(*self.bulk_args))

@@ -46,7 +46,7 @@ class ModelEnergyForces:
         self.pot = build_potential(config_for(model, dtype))
         self.system = nacl_system(grid_n, rattle=0.05, seed=0)
         self.graph = self.pot.graph(self.system)
-        self.compiled = self.pot._evaluate.lower(self.pot.params, self.graph, False).compile()
+        self.compiled = self.pot.evaluate.lower(self.pot.params, self.graph).compile()
         check_fits(self.compiled)  # MemoryTooLarge is asv's skip (NotImplementedError)
         self.n_atoms = self.system.n_atoms
         out = jax.block_until_ready(self.compiled(self.pot.params, self.graph))  # warm-up

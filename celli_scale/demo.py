@@ -24,21 +24,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import celli_scale as cs
+from celli_scale.datasets import nacl_grid
 from celli_scale.units import COULOMB
 
 log = logging.getLogger(__name__)
 
 MADELUNG_NACL = 1.747564594633
-
-
-def nacl_grid(n: int, spacing: float = 2.2, rattle: float = 0.0, seed: int = 0) -> cs.System:
-    """n³ simple-cubic sites, ±1 alternating (Na⁺ where i+j+k is even), periodic."""
-    g = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    pos = g * spacing
-    if rattle:
-        pos = pos + np.random.default_rng(seed).normal(0, rattle, pos.shape)
-    z = np.where(g.sum(1) % 2 == 0, 11, 17)
-    return cs.System(pos, z, cell=np.eye(3) * spacing * n, pbc=True)
 
 
 def add_parser(sub) -> None:

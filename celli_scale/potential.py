@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,6 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-class QeqNotConvergedError(RuntimeError):
-    """The charge-equilibration solve inside a model missed its tolerance."""
-
-
 @struct.dataclass
 class PotentialOutput:
     """Result for one structure (or stacked over a batch's leading axis).
@@ -52,15 +49,45 @@ class PotentialOutput:
     elec_energy: jax.Array | None = None
 
 
-def _energy_and_derivatives(model, params, graph: Graph, stress: bool):
-    """Energy, forces and (optionally) the strain derivative for one graph."""
+def energy_and_derivatives(
+    model: Any,
+    params: Any,
+    graph: Graph,
+    *,
+    stress: bool = False,
+    owned: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, ModelOutput]:
+    """Energy and its derivatives for one graph: the one derivative path of the package.
+
+    Every caller (``Potential``, the data-parallel and sharded paths, the training step,
+    the halo code, the benchmarks) evaluates a model through this function, so a fix or
+    an optimisation here reaches them all. Pure and jit-able (``stress`` is static);
+    differentiable again w.r.t. ``params`` (training) and positions.
+
+    Args:
+      model: a flax model (``model.apply(params, graph) -> ModelOutput``).
+      params: its parameters.
+      graph: one padded graph (:meth:`Potential.graph`).
+      stress: also return the strain derivative (periodic graphs only).
+      owned: optional ``(N,)`` bool. When given, the energy differentiated is the sum of
+        the *local* atomic energies of the owned atoms (``ModelOutput.node_energies``),
+        as one device of a spatial domain decomposition computes it; forces then include
+        the contributions on ghost atoms that the decomposition sends back.
+
+    Returns:
+      ``(energy, forces, stress, out)``: energy ``()`` eV, forces ``(N, 3)`` eV/Å
+      (``-∂E/∂r``, through the Qeq solve for CELLI by implicit differentiation), stress
+      ``(3, 3)`` eV/Å³ ``(1/V) ∂E/∂ε`` or None, and the model's :class:`ModelOutput`.
+    """
     dtype = graph.positions.dtype
 
     def energy_fn(positions, strain):
         deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
         g = graph.replace(positions=positions @ deform, cell=graph.cell @ deform)
         out: ModelOutput = model.apply(params, g)
-        return out.energy, out
+        if owned is None:
+            return out.energy, out
+        return jnp.sum(jnp.where(owned, out.node_energies, 0.0)), out
 
     strain0 = jnp.zeros((3, 3), dtype)
     argnums = (0, 1) if stress else (0,)
@@ -95,14 +122,20 @@ class Potential:
         self._zmap[np.asarray(self.config.species)] = np.arange(self.config.n_species)
         self._edge_capacity = 0
         self._elec_capacity = 0
-        efs = partial(_energy_and_derivatives, model)
-        self._evaluate = jax.jit(efs, static_argnums=(2,))
-        # lax.map over the structures of a batch, not vmap: on CPU vmap's batched
-        # gathers/scatters were 1.2-1.8x slower per structure (bench/RESULTS.md).
-        self._evaluate_batch = jax.jit(
-            lambda p, gs, stress: jax.lax.map(lambda g: efs(p, g, stress), gs),
-            static_argnums=(2,),
-        )
+        efs = partial(energy_and_derivatives, model)
+        #: The compiled kernel ``evaluate(params, graph, stress=False) -> (energy, forces,
+        #: stress, ModelOutput)`` (:func:`energy_and_derivatives`, jitted; ``stress`` is
+        #: static). Use it with :meth:`graph` to time or lower exactly what ``pot(s)`` runs.
+        self.evaluate = jax.jit(efs, static_argnames=("stress",))
+
+        def batched(p, gs, stress=False):
+            # lax.map over the structures of a batch, not vmap: on CPU vmap's batched
+            # gathers/scatters were 1.2-1.8x slower per structure (bench/RESULTS.md).
+            return jax.lax.map(lambda g: efs(p, g, stress=stress), gs)
+
+        #: ``evaluate_batch(params, graphs, stress=False)`` over a stacked graph
+        #: (:meth:`batch_graph`), structure by structure.
+        self.evaluate_batch = jax.jit(batched, static_argnames=("stress",))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -144,6 +177,44 @@ class Potential:
                 f"knows only {list(self.config.species)}"
             )
         return idx.astype(np.int32)
+
+    @property
+    def capacities(self) -> tuple[int, int]:
+        """``(edges, electrostatics pairs)`` the next graph is padded to at least: they
+        only grow (so MD steps reuse one compiled function) until :meth:`reset_capacities`."""
+        return self._edge_capacity, self._elec_capacity
+
+    def reset_capacities(self) -> None:
+        """Size the next graph exactly (no spare edges from earlier, larger structures)."""
+        self._edge_capacity = 0
+        self._elec_capacity = 0
+
+    def batch_graph(self, systems: Sequence[System], n_atoms: int | None = None) -> Graph:
+        """Graphs of ``systems`` with one common edge capacity (the largest need) and
+        ``n_atoms`` atoms (default: the largest system), stacked along a leading axis.
+        Electrostatics parameters must agree in shape (same cell shape and size)."""
+        n_pad = max(s.n_atoms for s in systems) if n_atoms is None else int(n_atoms)
+        graphs = [self.graph(s, n_atoms=n_pad) for s in systems]
+        cap = self._edge_capacity
+        graphs = [
+            g if g.senders.shape[0] == cap else self.graph(s, n_atoms=n_pad, edge_capacity=cap)
+            for g, s in zip(graphs, systems, strict=True)
+        ]
+        return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+
+    @property
+    def qeq_tol(self) -> float | None:
+        """The model's Qeq tolerance (charge models), else None."""
+        tol = getattr(self.config, "qeq_tol", None)
+        return None if tol is None else float(tol)
+
+    def check_output(self, out: ModelOutput) -> None:
+        """Host check of a model output (single or batched): raises
+        :class:`celli_scale.qeq.QeqConvergenceError` if a Qeq solve missed its tolerance."""
+        if out.qeq_residual is not None and self.qeq_tol is not None:
+            from celli_scale.qeq import check_residual
+
+            check_residual(out.qeq_residual, self.qeq_tol)
 
     def graph(
         self, system: System, n_atoms: int | None = None, edge_capacity: int | None = None
@@ -217,7 +288,7 @@ class Potential:
 
     def _single(self, system: System, n_pad: int | None = None) -> PotentialOutput:
         graph = self.graph(system, n_atoms=n_pad)
-        return self._output(*self._evaluate(self.params, graph, system.periodic))
+        return self._output(*self.evaluate(self.params, graph, stress=system.periodic))
 
     def _call_batch(self, batch: Batch) -> PotentialOutput:
         systems = list(batch)
@@ -234,17 +305,11 @@ class Potential:
                 for o in outs
             ]
             return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
-        # one common edge capacity (the list only grows), then map over stacked graphs
-        graphs = [self.graph(s, n_atoms=n_pad) for s in systems]
-        graphs = [
-            g if g.senders.shape[0] == self._edge_capacity else self.graph(s, n_atoms=n_pad)
-            for g, s in zip(graphs, systems, strict=True)
-        ]
-        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
-        return self._output(*self._evaluate_batch(self.params, stacked, all(periodic)))
+        stacked = self.batch_graph(systems, n_atoms=n_pad)
+        return self._output(*self.evaluate_batch(self.params, stacked, stress=all(periodic)))
 
     def _output(self, energy, forces, stress, out: ModelOutput) -> PotentialOutput:
-        self._check(out)
+        self.check_output(out)
         return PotentialOutput(
             energy=energy,
             forces=forces,
@@ -253,17 +318,6 @@ class Potential:
             node_energies=out.node_energies,
             elec_energy=out.elec_energy,
         )
-
-    def _check(self, out: ModelOutput) -> None:
-        if out.qeq_residual is None:
-            return
-        tol = float(getattr(self.config, "qeq_tol", 1e-10))
-        res = float(np.max(np.asarray(out.qeq_residual)))
-        if not np.isfinite(res) or res > 10 * tol:
-            raise QeqNotConvergedError(
-                f"charge equilibration did not converge: relative residual {res:.3g} "
-                f"> tolerance {tol:.3g} (raise qeq maxiter or check the structure)"
-            )
 
     # -- persistence --------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -49,6 +49,7 @@ from celli_scale.units import COULOMB
 __all__ = [
     "DENSE_MAX_ATOMS",
     "QeqConvergenceError",
+    "check_residual",
     "QeqResult",
     "check",
     "solve",
@@ -138,6 +139,29 @@ def check(result: QeqResult, tol: float | None = None) -> None:
 
 
 _check_result = check
+
+
+#: A model's Qeq residual may exceed its tolerance by this factor before the host check
+#: raises: CG stops at ``tol`` on the residual it tracks, and the recomputed residual of
+#: the returned charges differs from it by round-off.
+RESIDUAL_SLACK = 10.0
+
+
+def check_residual(residual: Any, tol: float, *, where: str = "") -> None:
+    """Host-side check of the Qeq residual a model reports (``ModelOutput.qeq_residual``,
+    any shape): the one place that turns a missed tolerance into an error.
+
+    Raises:
+      QeqConvergenceError: the largest residual is not finite or exceeds
+        ``RESIDUAL_SLACK × tol``; the message gives both numbers.
+    """
+    res = float(np.max(np.asarray(residual, dtype=float)))
+    if not np.isfinite(res) or res > RESIDUAL_SLACK * tol:
+        raise QeqConvergenceError(
+            f"charge equilibration did not converge{where}: relative residual {res:.3g} > "
+            f"{RESIDUAL_SLACK:g} x tolerance {tol:.3g} (raise the Qeq maxiter, loosen "
+            "qeq_tol, or check the structure for atoms too close together)"
+        )
 
 
 def _is_concrete(x: Any) -> bool:

@@ -138,10 +138,7 @@ _DIST_ENV = "CELLI_SCALE_DISTRIBUTED"
 
 
 class MemoryTooLarge(NotImplementedError):
-    """A point whose compiled evaluation needs more memory than is available.
-
-    A subclass of NotImplementedError, so that asv reports the benchmark as skipped.
-    """
+    """Temporary: asv's skip (moves to bench/)."""
 
 
 def model_config(
@@ -177,7 +174,7 @@ def model_available(model: str) -> tuple[bool, str]:
 
 def nacl_system(n: int, spacing: float = 2.2, rattle: float = 0.0, seed: int = 0):
     """The PEERS.md NaCl grid (n³ atoms), see :func:`celli_scale.demo.nacl_grid`."""
-    from celli_scale.demo import nacl_grid
+    from celli_scale.datasets import nacl_grid
 
     return nacl_grid(int(n), spacing=spacing, rattle=rattle, seed=seed)
 
@@ -188,98 +185,26 @@ def build_potential(config: dict[str, Any], seed: int = 0):
     Parameters come from a jitted ``model.init`` on a 2×2×2 NaCl grid (they do not depend
     on the system size); ``capacity_growth=1`` so that graphs carry no spare edges.
     """
-    import jax
 
-    from celli_scale import models
     from celli_scale.potential import Potential
 
-    model = models.build(config)
-    pot = Potential(model, None, capacity_growth=1.0)
-    graph = pot.graph(nacl_system(2))
-    pot.params = jax.jit(model.init)(jax.random.PRNGKey(seed), graph)
-    pot._edge_capacity = 0  # size the next graph exactly
-    pot._elec_capacity = 0
+    pot = Potential.from_config(config, seed=seed, example=nacl_system(2), capacity_growth=1.0)
+    pot.reset_capacities()  # size the next graph exactly
     return pot
 
 
-def available_memory_bytes() -> int:
-    """Memory the evaluation may use: the accelerator's limit, or the host's
-    ``MemAvailable`` on CPU."""
-    import jax
+from celli_scale.memory import (  # noqa: E402
+    PeakRSS,
+)
 
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        stats = dev.memory_stats() or {}
-        if "bytes_limit" in stats:
-            return int(stats["bytes_limit"])
+
+def check_fits(compiled, n_programs=1, fraction=0.85):
+    from celli_scale import memory
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def compiled_bytes(compiled: Any) -> int:
-    """Bytes a compiled XLA program needs (arguments + outputs + temporaries), per device."""
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return 0
-    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
-
-
-def check_fits(compiled: Any, n_programs: int = 1, fraction: float = 0.85) -> int:
-    """Raise :class:`MemoryTooLarge` if ``n_programs`` copies of ``compiled`` (host
-    devices share RAM) need more than ``fraction`` of the available memory; else return
-    the bytes needed."""
-    import jax
-
-    need = compiled_bytes(compiled)
-    if jax.devices()[0].platform == "cpu":
-        need *= n_programs
-    avail = available_memory_bytes()
-    if need > fraction * avail:
-        raise MemoryTooLarge(
-            f"needs {need / 2**30:.1f} GiB (XLA memory analysis), "
-            f"{fraction:.0%} of available {avail / 2**30:.1f} GiB exceeded"
-        )
-    return need
-
-
-class PeakRSS:
-    """Context manager sampling this process's resident set size (MiB) every ``dt``
-    seconds; ``.peak_mb`` after exit."""
-
-    def __init__(self, dt: float = 0.002) -> None:
-        self.dt = dt
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss_mb(self) -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page / 2**20
-        except OSError:  # not Linux: peak over the whole process
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
-            self._stop.wait(self.dt)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = self._rss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._rss_mb())
+        return memory.check_fits(compiled, n_programs, fraction)
+    except memory.InsufficientMemoryError as e:
+        raise MemoryTooLarge(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -288,13 +213,8 @@ class PeakRSS:
 def batch_graphs(pot: Any, systems: Sequence[Any]) -> Any:
     """Graphs of ``systems`` (same atom count) with one common edge capacity, stacked
     along a leading batch axis."""
-    import jax
-    import jax.numpy as jnp
 
-    for s in systems:  # grow the capacities to the largest need
-        pot.graph(s)
-    graphs = [pot.graph(s, edge_capacity=pot._edge_capacity) for s in systems]
-    return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+    return pot.batch_graph(systems)
 
 
 def data_parallel_energy_forces(pot: Any, devices: int) -> tuple[Any, Any]:
@@ -322,7 +242,7 @@ def data_parallel_energy_forces(pot: Any, devices: int) -> tuple[Any, Any]:
     mesh = Mesh(np.asarray(devs[:devices]), ("batch",))
 
     def one(params, graph):
-        energy, forces, _, out = pot._evaluate(params, graph, False)
+        energy, forces, _, out = pot.evaluate(params, graph)
         res = out.qeq_residual if out.qeq_residual is not None else jnp.zeros((), energy.dtype)
         return energy, forces, res.astype(energy.dtype)
 

@@ -132,8 +132,8 @@ def test_stress_matches_strain_finite_differences(pot, periodic):
 def test_padding_and_batching_invariance(pot, periodic):
     ref = pot(periodic)
     # more edge capacity and padded atoms change nothing
-    g = pot.graph(periodic, n_atoms=periodic.n_atoms + 3, edge_capacity=pot._edge_capacity + 50)
-    energy, forces, _, out = pot._evaluate(pot.params, g, True)
+    g = pot.graph(periodic, n_atoms=periodic.n_atoms + 3, edge_capacity=pot.capacities[0] + 50)
+    energy, forces, _, out = pot.evaluate(pot.params, g, stress=True)
     assert _rel(energy, ref.energy) < 1e-12
     assert _rel(np.asarray(forces)[: periodic.n_atoms], ref.forces) < 1e-10
     assert np.all(np.asarray(forces)[periodic.n_atoms :] == 0)

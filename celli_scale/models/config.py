@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -64,6 +64,19 @@ class ModelConfig:
             object.__setattr__(self, "species", tuple(sorted(sp)))
         for key in ("radial_mlp",):
             object.__setattr__(self, key, tuple(int(x) for x in getattr(self, key)))
+
+    #: True when every atom's energy depends only on atoms within one ``r_cut`` (edge-centred
+    #: models: Allegro, and CELLI's local trunk, whose long range goes through the Qeq
+    #: layer); message passing sets False.
+    strictly_local: ClassVar[bool] = True
+
+    @property
+    def receptive_field(self) -> float:
+        """How far (Å) an atom's local energy sees: ``r_cut`` for strictly local models,
+        ``n_layers × r_cut`` for message passing. Every halo width (domain decomposition,
+        benchmarks) comes from here. CELLI's charges are global: they go through the
+        (distributed) Qeq solve, not through the halo."""
+        return self.r_cut if self.strictly_local else self.n_layers * self.r_cut
 
     @property
     def jnp_dtype(self) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -60,6 +61,7 @@ class MACEConfig(ModelConfig):
     """
 
     name: str = "mace"
+    strictly_local: ClassVar[bool] = False  # message passing: n_layers × r_cut
     correlation: int = 3
     hidden_l_max: int = 1
     radial_mlp: tuple[int, ...] = (64, 64, 64)

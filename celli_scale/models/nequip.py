@@ -36,7 +36,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -236,6 +236,7 @@ class NequIPConfig(ModelConfig):
     """
 
     name: str = "nequip"
+    strictly_local: ClassVar[bool] = False  # message passing: n_layers × r_cut
     feature_parities: str = "sh"
     resnet: bool = True
     readout_hidden: int = 16
