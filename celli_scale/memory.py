@@ -104,3 +104,70 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set size to its current size (Linux), so that
+    :func:`peak_rss_since_reset_mb` after a timed block excludes compilation and set-up."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset_mb() -> float | None:
+    """Peak resident set size (MiB, ``VmHWM``) since the last :func:`reset_peak_rss`
+    (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (``/proc/stat``:
+    everything but idle and iowait), to tell how busy the machine was during a timing."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants' pids (Linux ``/proc``; ``[root]`` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [root]
+    for d in entries:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of ``root`` and its descendants together (Linux; 0 elsewhere)."""
+    total = 0
+    for p in process_tree(root):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
