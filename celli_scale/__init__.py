@@ -30,6 +30,11 @@ def __getattr__(name: str):
         "models": ("celli_scale.models", None),
         "neighbors": ("celli_scale.neighbors", None),
         "io": ("celli_scale.io", None),
+        "datasets": ("celli_scale.datasets", None),
+        "distributed": ("celli_scale.distributed", None),
+        "memory": ("celli_scale.memory", None),
+        "study": ("celli_scale.study", None),
+        "testing": ("celli_scale.testing", None),
     }
     if name not in lazy:
         raise AttributeError(f"module 'celli_scale' has no attribute {name!r}")
