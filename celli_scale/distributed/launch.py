@@ -7,7 +7,9 @@ Two halves, both host-side:
   127.0.0.1 (:func:`free_loopback_port`) and tells each worker its place through one
   environment variable (:func:`distributed_env`, read back by :func:`init_from_env`). The
   coordinator *binds* to that loopback address (``jax.distributed`` would otherwise listen
-  on every interface) and the CPU collectives are gloo. :func:`listening_addresses` and
+  on every interface) and the CPU collectives are gloo, bound to 127.0.0.1 too
+  (:func:`pin_gloo_to`; by default gloo listens on whatever the host name resolves to).
+  :func:`listening_addresses` and
   :func:`is_loopback` let a worker prove that it listens on loopback only.
 * **Running a group of processes** (:func:`run_group`): start them together, stream
   process 0's stdout line by line, watch the wall clock and the resident memory of every
@@ -79,7 +81,9 @@ def initialize_loopback(
     coordinator_address: str, num_processes: int, process_id: int, timeout_s: int = 120
 ) -> None:
     """``jax.distributed.initialize`` with the coordinator bound to ``coordinator_address``
-    (which must be on loopback) and gloo CPU collectives.
+    (which must be on loopback) and gloo CPU collectives bound to 127.0.0.1
+    (:func:`pin_gloo_to`), so that nothing of the run listens off loopback. Call it before
+    anything touches a JAX backend.
 
     Raises:
       ValueError: the address is not a loopback ``host:port``.
@@ -96,6 +100,45 @@ def initialize_loopback(
         coordinator_bind_address=coordinator_address,
         initialization_timeout=int(timeout_s),
     )
+    pin_gloo_to(LOOPBACK)
+
+
+def pin_gloo_to(hostname: str) -> None:
+    """Make the CPU backend's gloo collectives listen on ``hostname`` (an address).
+
+    jax (0.10) creates gloo's TCP transport with neither a hostname nor an interface
+    (``jax._src.xla_bridge.make_cpu_client``); gloo then listens on whatever this
+    machine's host name resolves to, which is an outward address on most machines, even
+    when the coordinator is on loopback. ``jaxlib``'s ``make_gloo_tcp_collectives`` takes a
+    ``hostname``, and jax's public ``jax.extend.backend.register_backend_factory`` replaces
+    the CPU backend factory, so this builds the collectives with ``hostname`` and registers
+    a CPU factory that uses them. The collectives constructor and the CPU client factory
+    are jax internals (``jax._src``): if a jax version moves them, this raises rather than
+    silently leaving gloo on the host name's address.
+
+    Call it after ``jax.distributed.initialize`` and before the CPU backend exists.
+
+    Raises:
+      RuntimeError: the backends are already initialised, or jax's internals moved.
+    """
+    from functools import partial
+
+    try:
+        from jax._src import distributed, xla_bridge
+        from jax._src.lib import _jax
+        from jax.extend.backend import register_backend_factory
+
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError("pin_gloo_to must run before the JAX backends are initialised")
+        collectives = _jax.make_gloo_tcp_collectives(
+            distributed_client=distributed.global_state.client, hostname=hostname
+        )
+        factory = partial(xla_bridge.make_cpu_client, collectives=collectives)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise RuntimeError(
+            f"cannot bind gloo to {hostname} with this jax version ({type(e).__name__}: {e})"
+        ) from None
+    register_backend_factory("cpu", factory, priority=0, fail_quietly=False)
 
 
 def init_from_env(var: str = DIST_ENV) -> bool:
@@ -427,5 +470,6 @@ __all__ = [
     "is_loopback",
     "listening_addresses",
     "on_one_host",
+    "pin_gloo_to",
     "run_group",
 ]
