@@ -289,7 +289,7 @@ def run_group(
     new_session: bool = True,
     timeout_starts_when_child_exists: bool = False,
     tail_chars: int = 2000,
-    poll_s: float = 0.2,
+    poll_s: float = 0.5,
     grace_s: float = 60.0,
 ) -> GroupResult:
     """Run ``commands`` as one group of processes that succeed or fail together.
@@ -323,7 +323,8 @@ def run_group(
         the group has a child process: for commands run through a wrapper such as
         ``flock LOCK python ...``, the wait for the lock does not count, only the run.
       tail_chars: characters of each stderr kept in :attr:`GroupResult.stderr_tails`.
-      poll_s: seconds between checks of the processes, the clock and the memory.
+      poll_s: seconds between checks of the processes, the clock and the memory (each
+        check reads ``/proc``; lines of stdout are handed on at once regardless).
       grace_s: after process 0's stdout closes, how long the others may take to exit on
         their own before they are killed (within the timeout).
 
@@ -416,8 +417,9 @@ def run_group(
                     result.failed.append(i)
             if result.failed:
                 break
-            trees = [process_tree(p.pid) for p in procs if p.poll() is None]
-            if clock is None and any(len(t) > 1 for t in trees):
+            if clock is None and any(
+                len(process_tree(p.pid)) > 1 for p in procs if p.poll() is None
+            ):
                 clock = now
             rss = sum(tree_rss_bytes(p.pid) for p in procs if p.poll() is None)
             result.peak_tree_rss_bytes = max(result.peak_tree_rss_bytes, rss)
