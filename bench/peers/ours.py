@@ -14,6 +14,14 @@ from bench.peers.measure import fd_check, force_stats, timed_calls
 from bench.peers.spec import RATTLE, SEED, SPACING, check_ours_config, nacl_arrays
 
 
+def matched_config(model: str, dtype: str) -> dict[str, Any]:
+    """Our config dict of ``model`` at the hyper-parameters matched across models (the
+    scaling study's and ``bench/bench_models.py``'s), species Na and Cl."""
+    from celli_scale.scaling import model_config
+
+    return model_config(model, dtype)
+
+
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Build, check and time one of our models: ``args.model`` at the matched
     hyper-parameters, ``args.dtype``, on the ``args.grid_n``³ NaCl grid. Writes the
@@ -30,9 +38,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from celli_scale import memory
     from celli_scale.datasets import nacl_grid
     from celli_scale.potential import Potential
-    from celli_scale.scaling import model_config
 
-    cfg = model_config(args.model, args.dtype)
+    cfg = matched_config(args.model, args.dtype)
     # parameters do not depend on the system size: initialise on the 2×2×2 grid;
     # capacity_growth 1 and reset_capacities so the graph carries no spare edges
     pot = Potential.from_config(cfg, seed=SEED, example=nacl_grid(2), capacity_growth=1.0)
