@@ -32,7 +32,7 @@ from bench.peers.spec import AOTI_MODELS, parse_points
 ROOT = Path(__file__).resolve().parents[2]
 #: Interpreters of the two sides (flags and environment variables override them): ours
 #: defaults to the one running the driver, the peers' to ``.venv-peers`` in the repository
-#: root (README: how to make it).
+#: root (bench/RESULTS.md: how to make it).
 DEFAULT_OURS_PYTHON = os.environ.get("CELLI_PEERS_OURS_PYTHON", sys.executable)
 DEFAULT_PEERS_PYTHON = os.environ.get(
     "CELLI_PEERS_PEERS_PYTHON", str(ROOT / ".venv-peers" / "bin" / "python")
