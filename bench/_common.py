@@ -14,17 +14,39 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celli_scale.scaling import (  # the benchmarks and the study share these
+
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache (see ``bench/__init__.py``): in this
+    process and, through the environment (JAX reads ``JAX_COMPILATION_CACHE_DIR`` etc. when
+    it starts), in the scaling benchmarks' worker subprocesses."""
+    where = os.environ.get("CELLI_BENCH_JAX_CACHE")
+    if where == "":
+        return
+    where = where or os.path.expanduser("~/.cache/celli_scale/jax_bench")
+    settings = {
+        "jax_compilation_cache_dir": where,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for key, value in settings.items():
+        os.environ.setdefault(key.upper(), str(value))
+    import jax
+
+    for key, value in settings.items():
+        jax.config.update(key, value)
+
+
+enable_compilation_cache()
+
+from celli_scale import memory  # noqa: E402
+from celli_scale.datasets import nacl_grid  # noqa: E402
+from celli_scale.study.presets import (  # noqa: E402  (the benchmarks and the study share these)
     FULL_HYPERPARAMS,
     MODEL_EXTRAS,
     QUICK_HYPERPARAMS,
     QUICK_MODEL_EXTRAS,
-    MemoryTooLarge,
     build_potential,
-    check_fits,
-    model_available,
     model_config,
-    nacl_system,
 )
 
 #: True when ``CELLI_BENCH_QUICK`` is set to anything but "" or "0".
@@ -73,11 +95,18 @@ def config_for(model: str, dtype: str) -> dict[str, Any]:
     return model_config(model, dtype, HYPERPARAMS, EXTRAS)
 
 
-def skip_unless_available(model: str) -> None:
-    """asv's way of skipping: NotImplementedError in setup."""
-    ok, why = model_available(model)
-    if not ok:
-        raise NotImplementedError(f"model {model!r} not available: {why}")
+class MemoryTooLarge(NotImplementedError):
+    """A benchmark's compiled program does not fit in memory. asv skips a benchmark whose
+    setup raises NotImplementedError; the message gives the need and the availability."""
+
+
+def check_fits(compiled: Any, n_programs: int = 1, fraction: float = 0.85) -> int:
+    """:func:`celli_scale.memory.check_fits`, with a program that does not fit turned into
+    asv's skip (:class:`MemoryTooLarge`)."""
+    try:
+        return memory.check_fits(compiled, n_programs, fraction)
+    except memory.InsufficientMemoryError as e:
+        raise MemoryTooLarge(str(e)) from None
 
 
 __all__ = [
@@ -105,8 +134,8 @@ __all__ = [
     "build_potential",
     "check_fits",
     "config_for",
-    "nacl_system",
-    "skip_unless_available",
+    "enable_compilation_cache",
+    "nacl_grid",
 ]
 
 

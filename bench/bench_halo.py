@@ -1,8 +1,9 @@
 """Halo cost: what a spatial domain decomposition's ghost atoms cost each model.
 
 One device of a decomposition holds a brick of ``m³`` owned atoms of the periodic NaCl
-grid plus ghosts within the model's receptive field (+ 0.5 Å skin): ``r_cut`` for
-Allegro, ``n_layers × r_cut`` for NequIP and MACE (see ``bench/_halo.py``). The device
+grid plus ghosts within the model's receptive field (+ 0.5 Å skin; the model config's
+``receptive_field``: ``r_cut`` for Allegro, ``n_layers × r_cut`` for NequIP and MACE;
+see :mod:`celli_scale.distributed.domains`). The device
 computes the owned atoms' energy and its gradient on owned and ghost atoms, with Allegro
 evaluating only edges centred on owned atoms and message passing every edge whose
 centre's features the owned atoms read. Tracked per model and brick size:
@@ -24,7 +25,6 @@ import time
 import jax
 import numpy as np
 
-from bench import _halo
 from bench._common import (
     HALO_GRID_M,
     HALO_MODELS,
@@ -32,9 +32,9 @@ from bench._common import (
     build_potential,
     check_fits,
     config_for,
-    nacl_system,
-    skip_unless_available,
+    nacl_grid,
 )
+from celli_scale.distributed import domains
 
 DTYPE = "float32"
 
@@ -56,13 +56,12 @@ class HaloGeometry:
     timeout = TIMEOUT_S
 
     def setup(self, model: str, brick_m: int) -> None:
-        skip_unless_available(model)
         from celli_scale import models
         from celli_scale.potential import Potential
 
         cfg = config_for(model, DTYPE)
         pot = Potential(models.build(cfg), None)  # graphs only: no parameters needed
-        self.sub, self.graph, _ = _halo.device_graph(pot, cfg, brick_m)
+        self.sub, self.graph, _ = domains.device_graph(pot, brick_m)
 
     def track_ghosts_per_owned(self, model: str, brick_m: int) -> float:
         """Ghost atoms per owned atom (halo = receptive field + 0.5 Å skin)."""
@@ -88,14 +87,13 @@ class HaloCost:
     warmup_time = 0.0
 
     def setup(self, model: str, brick_m: int) -> None:
-        skip_unless_available(model)
         cfg = config_for(model, DTYPE)
         pot = build_potential(cfg)
         # the bulk first: a Potential pads every graph to the largest edge count it has
         # seen, and the brick's unpruned graph is much larger
-        bulk = pot.graph(nacl_system(brick_m))
-        _, graph, owned = _halo.device_graph(pot, cfg, brick_m)
-        fn = _halo.owned_energy_forces(pot.model)
+        bulk = pot.graph(nacl_grid(brick_m))
+        _, graph, owned = domains.device_graph(pot, brick_m)
+        fn = domains.owned_energy_forces(pot.model)
         self.device = fn.lower(pot.params, graph, owned).compile()
         check_fits(self.device)
         self.device_args = (pot.params, graph, owned)

@@ -26,8 +26,7 @@ from bench._common import (
     build_potential,
     check_fits,
     config_for,
-    nacl_system,
-    skip_unless_available,
+    nacl_grid,
 )
 
 
@@ -42,9 +41,8 @@ class ModelEnergyForces:
     warmup_time = 0.0
 
     def setup(self, model: str, grid_n: int, dtype: str) -> None:
-        skip_unless_available(model)
         self.pot = build_potential(config_for(model, dtype))
-        self.system = nacl_system(grid_n, rattle=0.05, seed=0)
+        self.system = nacl_grid(grid_n, rattle=0.05, seed=0)
         self.graph = self.pot.graph(self.system)
         self.compiled = self.pot.evaluate.lower(self.pot.params, self.graph).compile()
         check_fits(self.compiled)  # MemoryTooLarge is asv's skip (NotImplementedError)

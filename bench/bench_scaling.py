@@ -6,7 +6,7 @@ Strong scaling: a fixed batch of ``SCALING_BATCH`` NaCl grids. Weak scaling:
 ``SCALING_PER_WORKER`` grids per worker. Each point runs in subprocess(es) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (the flag must be set before JAX
 starts), through the same code path as ``celli-scale scale``
-(:func:`celli_scale.scaling.run_points`). On a CPU the workers share the machine's cores,
+(:func:`celli_scale.study.run.run_points`). On a CPU the workers share the machine's cores,
 so the speed-up is bounded by the core count. This is not domain decomposition: every
 structure stays whole on one device (``bench_halo`` measures what a decomposition's halo
 costs). Metric: atoms · steps per second over the whole batch (median of the repeats);
@@ -26,16 +26,16 @@ from bench._common import (
     SCALING_PROCESSES,
     SCALING_REPEATS,
     TIMEOUT_S,
-    skip_unless_available,
+    MemoryTooLarge,
+    model_config,
 )
-from celli_scale.scaling import model_config, run_points
+from celli_scale.study.run import run_points
 
 DTYPE = "float32"
 
 
 def _throughput(model: str, devices: int, processes: int, mode: str) -> float:
     """Run one point and return its atoms · steps / s (skip when it does not fit)."""
-    skip_unless_available(model)
     workers = devices * processes
     spec = {
         "model": model,
@@ -54,7 +54,7 @@ def _throughput(model: str, devices: int, processes: int, mode: str) -> float:
     (row,) = run_points(spec, timeout_s=TIMEOUT_S)
     status = row["status"]
     if status.startswith("out of memory"):
-        raise NotImplementedError(status)
+        raise MemoryTooLarge(status)
     if status != "ok":
         raise RuntimeError(f"{model} on {processes} x {devices} devices ({mode}): {status}")
     return float(row["atoms_steps_per_s"])

@@ -4,7 +4,8 @@ The loss is the plain force-matching objective
 ``L = mean_b[(E_b − E_b^ref)² / N²] + w_F · mean_{b,i}|F_bi − F_bi^ref|²`` over a batch of
 rattled NaCl grids; labels are those of a harmonic crystal (every atom tied to its grid
 site by a spring of :data:`TRAIN_SPRING` eV/Å², see :func:`harmonic_labels`), so the
-gradients are those of a real fit. Forces are ``−∂E/∂r`` by autodiff,
+gradients are those of a real fit. Forces are ``−∂E/∂r`` from
+:func:`celli_scale.potential.energy_and_derivatives` (the package's one derivative path),
 so a step differentiates twice (forces, then parameters). Optimiser: ``optax.adam``,
 learning rate :data:`bench._common.TRAIN_LR`. Deliberately minimal; it times the step,
 it is not a training module.
@@ -30,21 +31,17 @@ from bench._common import (
     build_potential,
     check_fits,
     config_for,
-    nacl_system,
-    skip_unless_available,
+    nacl_grid,
 )
-from celli_scale.scaling import batch_graphs
+from celli_scale.potential import energy_and_derivatives
 
 
 def make_train_step(model, optimizer, force_weight: float):
     """``step(params, opt_state, graphs, e_ref, f_ref) -> (params, opt_state, loss)``."""
 
     def energy_forces(params, graph):
-        def energy(pos):
-            return model.apply(params, graph.replace(positions=pos)).energy
-
-        e, g = jax.value_and_grad(energy)(graph.positions)
-        return e, -g
+        energy, forces, _, _ = energy_and_derivatives(model, params, graph)
+        return energy, forces
 
     def loss_fn(params, graphs, e_ref, f_ref):
         # lax.map over structures (faster than vmap on CPU, see celli_scale.potential)
@@ -75,12 +72,11 @@ class TrainStep:
     warmup_time = 0.0
 
     def setup(self, model: str, grid_n: int, dtype: str) -> None:
-        skip_unless_available(model)
         cfg = config_for(model, dtype)
         pot = build_potential(cfg, seed=0)
-        systems = [nacl_system(grid_n, rattle=0.1, seed=k) for k in range(TRAIN_BATCH)]
-        self.graphs = batch_graphs(pot, systems)
-        e_ref, f_ref = harmonic_labels(systems, nacl_system(grid_n).positions)
+        systems = [nacl_grid(grid_n, rattle=0.1, seed=k) for k in range(TRAIN_BATCH)]
+        self.graphs = pot.batch_graph(systems)
+        e_ref, f_ref = harmonic_labels(systems, nacl_grid(grid_n).positions)
         self.e_ref = jnp.asarray(e_ref, dtype=cfg_dtype(dtype))
         self.f_ref = jnp.asarray(f_ref, dtype=cfg_dtype(dtype))
         self.optimizer = optax.adam(TRAIN_LR)

@@ -5,7 +5,7 @@ Subcommands:
 * ``celli-scale info FILE``: summarise a structure or data file (frames, atoms, species,
   cell/pbc of the first frame, total charges, labels present).
 * ``celli-scale demo [OPTIONS]``: run the main job on one CPU (:mod:`celli_scale.demo`).
-* ``celli-scale scale CONFIG [--out DIR]``: a scaling study (:mod:`celli_scale.scaling`).
+* ``celli-scale scale CONFIG [--out DIR]``: a scaling study (:mod:`celli_scale.study`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from celli_scale import demo, study
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +59,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file format (default: from the file name)",
     )
-    for name, module in _MODULE_COMMANDS.items():
-        _add_module_parser(sub, name, module)
+    for module in _module_commands().values():
+        module.add_parser(sub)
     return parser
 
 
-#: Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``).
-_MODULE_COMMANDS = {"demo": "celli_scale.demo", "scale": "celli_scale.scaling"}
-
-
-def _add_module_parser(sub: Any, name: str, module: str) -> None:
-    """Let ``module`` declare its own options; if it cannot be imported, register a bare
-    entry so that the other commands still work."""
-    import importlib
-
-    try:
-        add_parser = importlib.import_module(module).add_parser
-    except ImportError as e:
-        logger.debug("%s not importable: %s", module, e)
-        sub.add_parser(name, help=f"(not available: {module} missing)")
-        return
-    add_parser(sub)
+def _module_commands() -> dict[str, Any]:
+    """Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``),
+    by command name."""
+    return {"demo": demo, "scale": study}
 
 
 def _fmt_charge(q: float) -> str:
@@ -133,16 +123,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_module(args: argparse.Namespace) -> int:
-    import importlib
-
-    module = _MODULE_COMMANDS[args.command]
-    try:
-        run = importlib.import_module(module).main
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise CLIError(f"'{args.command}' is not available in this installation") from None
-    return int(run(args) or 0)
+    return int(_module_commands()[args.command].main(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"info": _cmd_info, **{k: _cmd_module for k in _MODULE_COMMANDS}}
+    commands = {"info": _cmd_info, **{k: _cmd_module for k in _module_commands()}}
     try:
         return commands[args.command](args)
     except (OSError, ValueError, CLIError) as e:

@@ -11,7 +11,6 @@ import importlib
 import inspect
 import itertools
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -49,13 +48,6 @@ def _first_params(obj) -> tuple:
     if all(isinstance(p, list | tuple) for p in params):
         return tuple(next(itertools.product(*params)))
     return (params[0],)
-
-
-def test_quick_mode_is_on():
-    assert os.environ.get("CELLI_BENCH_QUICK") == "1"
-    from bench import _common
-
-    assert _common.QUICK and max(_common.GRID_N) <= 3
 
 
 def test_discovers_every_bench_module():

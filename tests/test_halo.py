@@ -1,23 +1,18 @@
-"""Halo geometry of the halo-cost benchmark (bench/_halo.py): a brick plus its ghosts
+"""Subdomain geometry (celli_scale.distributed.domains): a brick plus its ghosts
 reproduces the bulk's atomic energies exactly when the halo is the model's receptive field,
 and not when it is thinner; ghost and edge counts match the grid's arithmetic."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import _halo  # noqa: E402
-from celli_scale.scaling import (  # noqa: E402
+from celli_scale.distributed import domains
+from celli_scale.models import make_config
+from celli_scale.study.presets import (
     QUICK_HYPERPARAMS,
     QUICK_MODEL_EXTRAS,
     build_potential,
@@ -40,7 +35,7 @@ def _sites_per_axis(m: int, halo: float) -> int:
 
 @pytest.mark.parametrize(("m", "halo"), [(2, 3.7), (3, 5.5), (2, 10.5)])
 def test_ghost_count_matches_grid_arithmetic(m, halo):
-    sub = _halo.cut_subdomain(m, halo)
+    sub = domains.cut_subdomain(m, halo)
     assert sub.n_owned == m**3
     assert sub.n_ghost == _sites_per_axis(m, halo) ** 3 - m**3
     pos = np.asarray(sub.system.positions)
@@ -56,8 +51,8 @@ def test_ghost_count_matches_grid_arithmetic(m, halo):
 def test_receptive_field_halo_reproduces_bulk_energies(model):
     cfg = _config(model)
     pot = build_potential(cfg)
-    sub, graph, owned = _halo.device_graph(pot, cfg, 2, rattle=0.05, seed=1)
-    e_owned, forces = _halo.owned_energy_forces(pot.model)(pot.params, graph, owned)
+    sub, graph, owned = domains.device_graph(pot, 2, rattle=0.05, seed=1)
+    e_owned, forces = domains.owned_energy_forces(pot.model)(pot.params, graph, owned)
     bulk = pot.model.apply(pot.params, pot.graph(sub.bulk)).node_energies
     ref = np.asarray(bulk)[sub.bulk_index[sub.owned]]
     assert float(e_owned) == pytest.approx(float(ref.sum()), rel=1e-10, abs=1e-12)
@@ -71,9 +66,9 @@ def test_receptive_field_halo_reproduces_bulk_energies(model):
 def test_one_cutoff_halo_is_too_thin_for_message_passing(model):
     cfg = _config(model)
     pot = build_potential(cfg)
-    sub = _halo.cut_subdomain(2, cfg["r_cut"] + _halo.SKIN, rattle=0.05, seed=1)
-    graph = _halo.prune_edges(pot.graph(sub.system), _halo.keep_centres(sub, _halo.SKIN))
-    e_thin, _ = _halo.owned_energy_forces(pot.model)(pot.params, graph, jnp.asarray(sub.owned))
+    sub = domains.cut_subdomain(2, cfg["r_cut"] + domains.SKIN, rattle=0.05, seed=1)
+    graph = domains.prune_edges(pot.graph(sub.system), domains.keep_centres(sub, domains.SKIN))
+    e_thin, _ = domains.owned_energy_forces(pot.model)(pot.params, graph, jnp.asarray(sub.owned))
     bulk = pot.model.apply(pot.params, pot.graph(sub.bulk)).node_energies
     ref = float(np.asarray(bulk)[sub.bulk_index[sub.owned]].sum())
     # the right halo agrees to ~1e-17 eV (above); a thin one misses the second shell
@@ -81,13 +76,15 @@ def test_one_cutoff_halo_is_too_thin_for_message_passing(model):
 
 
 def test_receptive_fields_and_allegro_edge_count():
-    assert _halo.receptive_field(_config("allegro", 5.0)) == 5.0
-    assert _halo.receptive_field(_config("celli", 5.0)) == 5.0
-    assert _halo.receptive_field(_config("nequip", 5.0)) == 10.0  # 2 layers
-    assert _halo.centre_reach(_config("mace", 5.0)) == 5.0
+    assert make_config(_config("allegro", 5.0)).receptive_field == 5.0
+    assert make_config(_config("celli", 5.0)).receptive_field == 5.0
+    assert make_config(_config("nequip", 5.0)).receptive_field == 10.0  # 2 layers
+    assert domains.halo_width(_config("nequip", 5.0)) == 10.0 + domains.SKIN
+    assert domains.centre_reach(_config("allegro", 5.0)) == 0.0
+    assert domains.centre_reach(_config("mace", 5.0)) == 5.0
     cfg = _config("allegro", 5.0)
     pot = build_potential(cfg)
-    sub, graph, _ = _halo.device_graph(pot, cfg, 3)
+    sub, graph, _ = domains.device_graph(pot, 3)
     # Allegro evaluates only edges centred on owned atoms: 56 per atom within 5 Å
     assert int(graph.senders.shape[0]) == 56 * 27
     assert np.all(np.asarray(sub.owned)[np.asarray(graph.senders)])

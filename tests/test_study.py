@@ -1,8 +1,8 @@
-"""The scaling study (`celli-scale scale`): outputs, row counts, slopes, config errors."""
+"""The scaling study (`celli-scale scale`, celli_scale.study): outputs, row counts, slopes,
+config errors, multi-process runs on loopback."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import re
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from celli_scale import scaling
+from celli_scale.distributed import launch
+from celli_scale.study import config, presets, report, run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "bench" / "configs" / "scale_tiny.yaml"
@@ -20,8 +21,8 @@ TINY = ROOT / "bench" / "configs" / "scale_tiny.yaml"
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
-    cfg = scaling.load_config(TINY)
-    rows = scaling.run_study(cfg, out, progress=False)
+    cfg = config.load_config(TINY)
+    rows = run.run_study(cfg, out, progress=False)
     return cfg, rows, out
 
 
@@ -69,7 +70,7 @@ def test_tiny_study_slopes(tiny_study):
     assert set(slopes) == set(cfg.models)
     for m, s in slopes.items():
         assert math.isfinite(float(s)), (m, s)
-        assert math.isclose(float(s), scaling.fit_slopes(rows)[m], abs_tol=1e-3)
+        assert math.isclose(float(s), report.fit_slopes(rows)[m], abs_tol=1e-3)
 
 
 def test_fit_slopes_recovers_power_law():
@@ -84,8 +85,8 @@ def test_fit_slopes_recovers_power_law():
         }
         for n in (64, 216, 1000)
     ]
-    assert scaling.fit_slopes(rows)["a"] == pytest.approx(1.5, abs=1e-9)
-    assert math.isnan(scaling.fit_slopes(rows[:1])["a"])
+    assert report.fit_slopes(rows)["a"] == pytest.approx(1.5, abs=1e-9)
+    assert math.isnan(report.fit_slopes(rows[:1])["a"])
 
 
 def test_time_ratios():
@@ -106,8 +107,8 @@ def test_time_ratios():
             ("nequip", 64, 2.0),
         ]
     ]
-    assert scaling.time_ratios(rows, "celli", "mace") == [(64, 0.25), (1000, 0.5)]
-    assert scaling.time_ratios(rows, "celli", "nequip") == [(64, 0.5)]
+    assert report.time_ratios(rows, "celli", "mace") == [(64, 0.25), (1000, 0.5)]
+    assert report.time_ratios(rows, "celli", "nequip") == [(64, 0.5)]
 
 
 @pytest.mark.parametrize(
@@ -127,41 +128,32 @@ def test_bad_config_names_the_key(change, key):
     d = yaml.safe_load(TINY.read_text())
     d.update(change)
     with pytest.raises(ValueError, match=key):
-        scaling.StudyConfig.from_dict(d)
+        config.StudyConfig.from_dict(d)
 
 
 def test_missing_required_key_and_file_name(tmp_path):
     with pytest.raises(ValueError, match="sizes"):
-        scaling.StudyConfig.from_dict({"models": ["allegro"]})
+        config.StudyConfig.from_dict({"models": ["allegro"]})
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [allegro]\nsizes: [2]\ndevise: [1]\n")
     with pytest.raises(ValueError, match=r"bad\.yaml.*devise"):
-        scaling.load_config(bad)
+        config.load_config(bad)
 
 
 def test_sizes_in_atoms_and_default_batch():
-    cfg = scaling.StudyConfig.from_dict(
+    cfg = config.StudyConfig.from_dict(
         {"models": ["allegro"], "sizes": [1000, 64], "size_unit": "atoms", "devices": [1, 2, 4]}
     )
     assert cfg.sizes == (4, 10)
     assert cfg.batch_size == 4
 
 
-def test_cli_parser_shape():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    scaling.add_parser(sub)
-    args = parser.parse_args(["scale", str(TINY), "--out", "x"])
-    assert args.command == "scale" and args.config == str(TINY) and args.out == "x"
-    assert parser.parse_args(["scale", "c.yaml"]).out == "out/scale"
-
-
 def _tiny_spec(**kw) -> dict:
     d = yaml.safe_load(TINY.read_text())
-    hp = {**scaling.FULL_HYPERPARAMS, **d["hyperparams"]}
+    hp = {**presets.FULL_HYPERPARAMS, **d["hyperparams"]}
     spec = {
         "model": "allegro",
-        "config": scaling.model_config("allegro", "float32", hp, d["model_extras"]),
+        "config": presets.model_config("allegro", "float32", hp, d["model_extras"]),
         "sizes": [2],
         "dtype": "float32",
         "devices": 1,
@@ -179,8 +171,8 @@ def _tiny_spec(**kw) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_stay_on_loopback():
-    (one,) = scaling.run_points(_tiny_spec(), timeout_s=600)
-    (two,) = scaling.run_points(_tiny_spec(processes=2), timeout_s=600)
+    (one,) = run.run_points(_tiny_spec(), timeout_s=600)
+    (two,) = run.run_points(_tiny_spec(processes=2), timeout_s=600)
     assert one["status"] == "ok" and two["status"] == "ok", (one, two)
     assert two["processes"] == 2 and two["workers"] == 2 and one["workers"] == 1
     # the same batch, sharded over two jax.distributed processes: the same energies
@@ -188,44 +180,30 @@ def test_two_processes_match_one_and_stay_on_loopback():
     # the coordinator (and any collective) listens, and only on loopback
     assert two["listening"], "no listening socket reported"
     for addr in two["listening"]:
-        assert scaling._is_loopback(addr), two["listening"]
+        assert launch.is_loopback(addr), two["listening"]
 
 
 @pytest.mark.slow
 def test_failing_processes_report_the_reason_and_do_not_hang():
     bad = _tiny_spec(processes=2)
     bad["config"] = {**bad["config"], "channels": 0}
-    (row,) = scaling.run_points(bad, timeout_s=300)
+    (row,) = run.run_points(bad, timeout_s=300)
     assert "channels" in row["status"], row
-
-
-def test_listening_addresses_sees_a_loopback_listener():
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        found = scaling.listening_addresses()
-    assert f"127.0.0.1:{port}" in found
-    assert scaling._is_loopback("127.0.0.1:1") and scaling._is_loopback("::1:1")
-    assert scaling._is_loopback("::ffff:127.0.0.1:1")
-    assert not scaling._is_loopback("0.0.0.0:1") and not scaling._is_loopback("10.0.0.2:1")
 
 
 def test_weak_and_strong_batches_and_layout_validation():
     base = {"models": ["allegro"], "sizes": [2], "devices": [1, 2], "processes": [1, 2]}
-    strong = scaling.StudyConfig.from_dict(base)
+    strong = config.StudyConfig.from_dict(base)
     assert strong.worker_counts == (1, 2, 4)
     assert strong.batch_size == 4 and strong.batch_for(2) == 4
-    weak = scaling.StudyConfig.from_dict({**base, "mode": "weak", "batch": 3})
+    weak = config.StudyConfig.from_dict({**base, "mode": "weak", "batch": 3})
     assert [weak.batch_for(w) for w in (1, 2, 4)] == [3, 6, 12]
     with pytest.raises(ValueError, match="mode"):
-        scaling.StudyConfig.from_dict({**base, "mode": "weakest"})
+        config.StudyConfig.from_dict({**base, "mode": "weakest"})
     with pytest.raises(ValueError, match="processes"):
-        scaling.StudyConfig.from_dict({**base, "processes": [0]})
+        config.StudyConfig.from_dict({**base, "processes": [0]})
     with pytest.raises(ValueError, match="batch"):
-        scaling.StudyConfig.from_dict({**base, "batch": 2})  # 4 workers
+        config.StudyConfig.from_dict({**base, "batch": 2})  # 4 workers
 
 
 def test_speedups_from_throughput_strong_and_weak():
@@ -243,6 +221,6 @@ def test_speedups_from_throughput_strong_and_weak():
 
     rows = [row(1, 1, 100.0), row(1, 2, 180.0), row(1, 4, 300.0), row(2, 1, 150.0)]
     rows.append(row(1, 1, 1.0, n=8))  # a smaller size is ignored
-    sp = scaling.speedups(rows)
+    sp = report.speedups(rows)
     assert sp[("a", 64, "devices")] == [(1, 1.0), (2, 1.8), (4, 3.0)]
     assert sp[("a", 64, "processes")] == [(1, 1.0), (2, 1.5)]

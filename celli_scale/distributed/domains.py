@@ -1,20 +1,24 @@
-"""Geometry of one subdomain and its halo, for the halo-cost benchmark.
+"""Spatial subdomains: a brick of owned atoms and the ghost atoms of its halo.
 
 A spatial domain decomposition gives each device a brick of *owned* atoms plus *ghost*
 copies of every atom within the halo width outside it (DESIGN.md, "Distribution"): the
 owned atoms' energies and forces must come out exactly as in the whole system. The width
-is the model's receptive field, ``r_cut`` for a strictly local model (Allegro, and the
-local trunk of CELLI) and ``n_layers × r_cut`` for message passing (NequIP, MACE), plus a
-skin for thermal motion. What a device then computes:
+is the model's receptive field (:attr:`celli_scale.models.ModelConfig.receptive_field`:
+``r_cut`` for a strictly local model, Allegro and the local trunk of CELLI;
+``n_layers × r_cut`` for message passing, NequIP and MACE), plus a skin for thermal
+motion. What a device then computes:
 
-* Allegro: only edges centred on owned atoms (its energy is a sum over edges of the
-  centre's environment), so ghosts add atoms but no edge work.
-* Message passing with L layers: edges centred on every atom within ``(L - 1) × r_cut``
-  (+ skin) of the brick, whose intermediate features the owned atoms' last layer reads.
+* strictly local (edge-centred) models: only edges centred on owned atoms, so ghosts add
+  atoms but no edge work;
+* message passing with L layers: edges centred on every atom within
+  ``receptive_field − r_cut = (L − 1) × r_cut`` (+ skin) of the brick, whose intermediate
+  features the owned atoms' last layer reads.
 
-This module builds that subdomain from a periodic NaCl bulk so the benchmark can time the
-device's work against the bulk's own cost. It is geometry for measurement, not the
-decomposition itself (which will exchange the halo with ``ppermute``).
+This module builds such a subdomain from a periodic NaCl bulk (the halo-cost benchmark
+``bench/bench_halo.py`` times it against the bulk) and evaluates the owned energy through
+the package's one derivative path (:func:`celli_scale.potential.energy_and_derivatives`
+with ``owned=``). It is the start of the domain decomposition; the halo exchange
+(``ppermute``) comes with it. Lengths in Å, energies eV, forces eV/Å.
 """
 
 from __future__ import annotations
@@ -23,24 +27,29 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-#: Models whose receptive field is one cut-off (edge-centred, strictly local).
-STRICTLY_LOCAL = ("allegro", "celli")
+from celli_scale.datasets.synthetic import nacl_grid
+from celli_scale.models import ModelConfig, make_config
+from celli_scale.potential import energy_and_derivatives
+from celli_scale.system import System
+
 #: Extra width for atoms that move between rebuilds (Å), as in a neighbour-list skin.
 SKIN = 0.5
 
 
-def receptive_field(config: dict[str, Any]) -> float:
-    """Halo width (Å, without skin) the model needs: r_cut or n_layers × r_cut."""
-    r = float(config["r_cut"])
-    return r if config["name"] in STRICTLY_LOCAL else config["n_layers"] * r
+def halo_width(config: dict[str, Any] | ModelConfig, skin: float = SKIN) -> float:
+    """Halo width (Å) a device needs for ``config``'s model: its receptive field + ``skin``."""
+    return make_config(config).receptive_field + float(skin)
 
 
-def centre_reach(config: dict[str, Any]) -> float:
-    """How far outside the brick (Å, without skin) edge centres are still needed."""
-    r = float(config["r_cut"])
-    return 0.0 if config["name"] in STRICTLY_LOCAL else (config["n_layers"] - 1) * r
+def centre_reach(config: dict[str, Any] | ModelConfig) -> float:
+    """How far outside the brick (Å, without skin) edge centres are still needed:
+    ``receptive_field − r_cut`` (0 for strictly local models)."""
+    cfg = make_config(config)
+    return cfg.receptive_field - cfg.r_cut
 
 
 @dataclass
@@ -56,9 +65,9 @@ class Subdomain:
       halo: halo width used (Å, skin included).
     """
 
-    system: Any
+    system: System
     owned: np.ndarray
-    bulk: Any
+    bulk: System
     bulk_index: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
@@ -82,11 +91,9 @@ def cut_subdomain(
     The bulk is made large enough (``M ≥ m + 2·ceil(halo/a) + 1`` sites per axis) that no
     atom appears twice.
     """
-    from celli_scale.scaling import nacl_system
-
     a = float(spacing)
     big = m + 2 * math.ceil(halo / a) + 1
-    bulk = nacl_system(big, a, rattle, seed)
+    bulk = nacl_grid(big, a, rattle, seed)
     pos = np.asarray(bulk.positions)
     idx = np.stack(np.meshgrid(*[np.arange(big)] * 3, indexing="ij"), -1).reshape(-1, 3)
     owned_bulk = np.all(idx < m, axis=1)
@@ -105,9 +112,7 @@ def cut_subdomain(
     own = np.nonzero(owned_bulk)[0]
     src = np.concatenate([own, *ghost_src])
     allpos = np.concatenate([pos[own], *ghost_pos])
-    import celli_scale as cs
-
-    system = cs.System(allpos, np.asarray(bulk.species)[src], validate=False)
+    system = System(allpos, np.asarray(bulk.species)[src], validate=False)
     owned = np.zeros(len(src), dtype=bool)
     owned[: len(own)] = True
     return Subdomain(system, owned, bulk, src, lo, hi, float(halo))
@@ -123,8 +128,6 @@ def keep_centres(sub: Subdomain, reach: float) -> np.ndarray:
 
 def prune_edges(graph: Any, centres: np.ndarray) -> Any:
     """``graph`` with only the edges centred on ``centres`` (compacted, exact capacity)."""
-    import jax.numpy as jnp
-
     snd = np.asarray(graph.senders)
     keep = np.asarray(graph.edge_mask) & centres[snd]
     sel = np.nonzero(keep)[0]
@@ -137,29 +140,36 @@ def prune_edges(graph: Any, centres: np.ndarray) -> Any:
 
 
 def owned_energy_forces(model: Any):
-    """``fn(params, graph, owned) -> (E_owned, forces)``: the owned atoms' energy and its
-    negative gradient on every atom (ghost entries are the contributions a decomposition
-    sends back to the ghosts' owners)."""
-    import jax
-    import jax.numpy as jnp
+    """``fn(params, graph, owned) -> (E_owned, forces)``, jitted: the owned atoms' energy
+    (eV, the sum of their local atomic energies) and its negative gradient on every atom
+    (eV/Å; ghost entries are the contributions a decomposition sends back to the ghosts'
+    owners), by :func:`celli_scale.potential.energy_and_derivatives` with ``owned=``."""
 
     def fn(params, graph, owned):
-        def energy(pos):
-            out = model.apply(params, graph.replace(positions=pos))
-            return jnp.sum(jnp.where(owned, out.node_energies, 0.0))
-
-        e, g = jax.value_and_grad(energy)(graph.positions)
-        return e, -g
+        energy, forces, _, _ = energy_and_derivatives(model, params, graph, owned=owned)
+        return energy, forces
 
     return jax.jit(fn)
 
 
-def device_graph(pot: Any, config: dict[str, Any], m: int, *, rattle: float = 0.0, seed=0):
-    """``(subdomain, graph, owned)`` of the brick a device of a decomposition would
-    evaluate for ``config``'s model (halo = receptive field + skin; edges pruned)."""
-    import jax.numpy as jnp
-
-    sub = cut_subdomain(m, receptive_field(config) + SKIN, rattle=rattle, seed=seed)
+def device_graph(pot: Any, m: int, *, rattle: float = 0.0, seed: int = 0, skin: float = SKIN):
+    """``(subdomain, graph, owned)`` of the brick of ``m³`` sites a device of a
+    decomposition would evaluate for ``pot``'s model: halo = receptive field + ``skin``,
+    edges pruned to the centres the owned atoms' energies read."""
+    sub = cut_subdomain(m, halo_width(pot.config, skin), rattle=rattle, seed=seed)
     graph = pot.graph(sub.system)
-    graph = prune_edges(graph, keep_centres(sub, centre_reach(config) + SKIN))
+    graph = prune_edges(graph, keep_centres(sub, centre_reach(pot.config) + skin))
     return sub, graph, jnp.asarray(sub.owned)
+
+
+__all__ = [
+    "SKIN",
+    "Subdomain",
+    "centre_reach",
+    "cut_subdomain",
+    "device_graph",
+    "halo_width",
+    "keep_centres",
+    "owned_energy_forces",
+    "prune_edges",
+]
