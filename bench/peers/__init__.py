@@ -5,8 +5,9 @@ alternating, periodic, every site rattled by 0.05 Å) and the same hyper-paramet
 (r_cut 5 Å, l_max 2, 2 layers, 32 equivariant channels, 8 Bessel functions, radial MLP
 [64, 64], avg_num_neighbors 56, polynomial envelope p = 6) go through
 
-* ours (this repository, JAX): ``celli_scale.potential.Potential.from_config`` with the
-  matched configs the scaling study and ``bench/bench_models.py`` use;
+* ours (this repository, JAX): ``celli_scale.study.presets.build_potential`` with
+  ``celli_scale.study.presets.model_config`` — the configs of the scaling study and of
+  ``bench/bench_models.py``;
 * the peers (PyTorch): nequip-allegro's ``AllegroModel``, mace-torch's ``MACE`` and
   nequip's ``NequIPGNNModel``, randomly initialised, built through each package's own
   model builder and fed through its own data pipeline (neighbour list included), forces
@@ -25,12 +26,11 @@ JAX), so every point runs in a subprocess::
 
     .venv/bin/python -m bench.peers          # driver: all sides, writes out/peers/
     .venv/bin/python -m bench.peers.side --side ours --model allegro --grid-n 10 --dtype float32
-    CELLI_BENCH_JAX_CACHE= .venv-peers/bin/python -m bench.peers.side --side peers \\
-        --model allegro --grid-n 10 --dtype float32 [--peer-mode aotinductor]
+    .venv-peers/bin/python -m bench.peers.side --side peers --model allegro --grid-n 10 \\
+        --dtype float32 [--peer-mode aotinductor]
 
-(run from the repository root; ``CELLI_BENCH_JAX_CACHE=`` keeps ``bench/__init__`` from
-importing JAX, which the peers' interpreter lacks — the driver sets it for every side). A
-single side prints its result row as JSON (or writes it to ``--result``).
+(from the repository root). A single side prints its result row as JSON (or writes it to
+``--result``).
 
 The driver
 

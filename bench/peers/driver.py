@@ -3,7 +3,9 @@ subprocess (its own interpreter), timed runs under a machine-wide lock on a quie
 machine; writes ``peers.json`` and ``peers.md``. Also the command line of
 ``python -m bench.peers``.
 
-Standard library only at import; :mod:`celli_scale.memory` (and so JAX) on first use.
+Standard library only at import; ``celli_scale`` (and so JAX) on first use: the
+subprocess harness is :func:`celli_scale.distributed.launch.run_group`, the probes
+:mod:`celli_scale.memory`'s.
 """
 
 from __future__ import annotations
@@ -12,11 +14,8 @@ import argparse
 import functools
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,84 +55,43 @@ def run_side_process(
     log: Log,
 ) -> dict[str, Any]:
     """Run ``python -m bench.peers.side <side_args>`` in the repository root (under
-    ``flock lock`` when given) and return its result row, with ``tree_peak_rss_mb``
-    (the subprocess tree's peak resident MiB). A run stopped for memory or time, or one
-    that wrote no row, gets a row whose status says why and the tail of its output."""
+    ``flock lock`` when given) through :func:`celli_scale.distributed.launch.run_group`
+    and return its result row, with ``tree_peak_rss_mb`` (the subprocess tree's peak
+    resident MiB). The timeout counts once the interpreter runs (with a lock: once
+    ``flock`` has started it); the process tree is killed when its resident memory
+    exceeds ``mem_limit_bytes``. A run stopped for memory or time, or one that wrote no
+    row, gets a row whose status says why and the tail of its output."""
+    from celli_scale.distributed.launch import run_group
+
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         cmd = [python, "-m", "bench.peers.side", *side_args, "--result", str(result)]
         if lock:
             cmd = ["flock", lock, *cmd]
         log(" ".join(cmd))
-        # CELLI_BENCH_JAX_CACHE= keeps bench/__init__ from importing JAX (the peers'
-        # interpreter has none); the cache settings it put into this process's
-        # environment still reach our side, as before.
-        env = {**os.environ, "CELLI_BENCH_JAX_CACHE": ""}
-        returncode, why, peak, output = _run_watched(
-            cmd,
-            env,
-            started_when_child=bool(lock),
+        run = run_group(
+            [cmd],
+            cwd=ROOT,
             timeout_s=timeout_s,
-            mem_limit_bytes=mem_limit_bytes,
+            memory_limit_bytes=mem_limit_bytes,
+            timeout_starts_when_child_exists=bool(lock),
         )
+        peak = run.peak_tree_rss_bytes
+        why = None
+        if run.killed_for_memory:
+            why = (
+                f"out of memory: stopped at {peak / 2**30:.1f} GiB resident "
+                f"(limit {mem_limit_bytes / 2**30:.1f} GiB)"
+            )
+        elif run.timed_out:
+            why = f"skipped: timed out after {timeout_s:.0f} s"
         if why is None and result.exists():
             row = json.loads(result.read_text())
         else:
-            row = {"status": why or f"error: exit code {returncode}"}
-            row["log_tail"] = output[-2000:]
+            row = {"status": why or f"error: exit code {run.returncodes[0]}"}
+            row["log_tail"] = "\n".join([*run.stdout_lines, run.stderr_tails[0]])[-2000:]
         row["tree_peak_rss_mb"] = peak / 2**20
         return row
-
-
-def _run_watched(
-    cmd: list[str],
-    env: dict[str, str],
-    *,
-    started_when_child: bool,
-    timeout_s: float,
-    mem_limit_bytes: int,
-) -> tuple[int, str | None, int, str]:
-    """Run ``cmd`` in its own session from the repository root, killing its process
-    group when the tree's resident memory exceeds ``mem_limit_bytes`` or it runs longer
-    than ``timeout_s``. The timeout counts from the start, or, with
-    ``started_when_child``, from when the process has a child (``flock``'s command runs:
-    the lock is held). Returns ``(exit code, why it was stopped or None, peak tree
-    resident bytes, stdout + stderr)``."""
-    from celli_scale import memory
-
-    proc = subprocess.Popen(
-        cmd,
-        cwd=str(ROOT),
-        env=env,
-        start_new_session=True,  # its own process group: we can stop all of it
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    started = None if started_when_child else time.monotonic()
-    peak, why = 0, None
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        if started is None and len(memory.process_tree(proc.pid)) > 1:
-            started = time.monotonic()
-        rss = memory.tree_rss_bytes(proc.pid)
-        peak = max(peak, rss)
-        if rss > mem_limit_bytes:
-            why = (
-                f"out of memory: stopped at {rss / 2**30:.1f} GiB resident "
-                f"(limit {mem_limit_bytes / 2**30:.1f} GiB)"
-            )
-        elif started is not None and time.monotonic() - started > timeout_s:
-            why = f"skipped: timed out after {timeout_s:.0f} s"
-        if why:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.5)
-    proc.wait()
-    reader.join(timeout=5)
-    return proc.returncode, why, peak, "".join(output)
 
 
 def host_memory_limit(fraction: float) -> int:

@@ -15,9 +15,10 @@ from bench.peers.spec import RATTLE, SEED, SPACING, check_ours_config, nacl_arra
 
 
 def matched_config(model: str, dtype: str) -> dict[str, Any]:
-    """Our config dict of ``model`` at the hyper-parameters matched across models (the
-    scaling study's and ``bench/bench_models.py``'s), species Na and Cl."""
-    from celli_scale.scaling import model_config
+    """Our config dict of ``model`` at the hyper-parameters matched across models
+    (:mod:`celli_scale.study.presets`, shared with the scaling study and the asv
+    benchmarks), species Na and Cl."""
+    from celli_scale.study.presets import model_config
 
     return model_config(model, dtype)
 
@@ -37,13 +38,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from celli_scale import memory
     from celli_scale.datasets import nacl_grid
-    from celli_scale.potential import Potential
+    from celli_scale.study.presets import build_potential
 
-    cfg = matched_config(args.model, args.dtype)
-    # parameters do not depend on the system size: initialise on the 2×2×2 grid;
-    # capacity_growth 1 and reset_capacities so the graph carries no spare edges
-    pot = Potential.from_config(cfg, seed=SEED, example=nacl_grid(2), capacity_growth=1.0)
-    pot.reset_capacities()
+    # Potential.from_config initialised on the 2×2×2 grid, capacities reset: the graph
+    # below carries no spare edges
+    pot = build_potential(matched_config(args.model, args.dtype), seed=SEED)
     system = nacl_grid(args.grid_n, SPACING, RATTLE, SEED)
     pos = np.asarray(system.positions, dtype=np.float64)
     z = np.asarray(system.species)

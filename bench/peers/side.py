@@ -2,10 +2,9 @@
 
     <interpreter> -m bench.peers.side --side ours|peers --model M --grid-n N --dtype D ...
 
-runs in the repository root with ``CELLI_BENCH_JAX_CACHE=`` set (so ``bench/__init__``
-does not import JAX, which the peers' interpreter lacks) and prints its result row as
-JSON, or writes it to ``--result``. ``python -m bench.peers --side ours|peers ...`` does
-the same in the current interpreter.
+runs in the repository root (``bench`` and ``bench.peers`` import nothing heavy, so the
+peers' interpreter, which has no JAX, can run it) and prints its result row as JSON, or
+writes it to ``--result``. ``python -m bench.peers --side ours|peers ...`` does the same.
 """
 
 from __future__ import annotations
