@@ -4,9 +4,14 @@ behaviour."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +124,57 @@ def test_timeout_starts_when_child_exists():
     assert r.seconds < 1.5
     r = launch.run_group([[PY, "-c", wrapper]], timeout_s=1.5)
     assert r.timed_out
+
+
+_GLOO_PROBE = """
+import json, socket
+from celli_scale.distributed import launch
+launch.init_from_env()
+import jax, jax.numpy as jnp
+from jax.experimental import multihost_utils
+seen = multihost_utils.process_allgather(jnp.asarray([jax.process_index()]))
+print(json.dumps({"host": socket.gethostbyname(socket.gethostname()),
+                  "gathered": [int(v) for v in jnp.ravel(seen)],
+                  "listening": launch.listening_addresses()}), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def _can_remap_hosts(hosts) -> bool:
+    probe = ["unshare", "-m", "sh", "-c", f"mount --bind {hosts} /etc/hosts"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.slow
+def test_gloo_listens_on_loopback_even_when_the_host_name_does_not(tmp_path):
+    """gloo listens on whatever the host name resolves to unless told otherwise. With the
+    host name mapped to an address that is not on this machine (TEST-NET-2, in a private
+    mount namespace), a two-process run must still work, entirely on loopback."""
+    name = socket.gethostname()
+    outward = "198.51.100.7"  # documentation range: never this machine's address
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{outward} {name}\n")
+    if os.geteuid() != 0 or not _can_remap_hosts(hosts):
+        pytest.skip("needs root and unshare -m to remap the host name")
+    address = f"{launch.LOOPBACK}:{launch.free_loopback_port()}"
+    root = str(Path(__file__).resolve().parent.parent)
+    envs = []
+    for i in range(2):
+        env = launch.host_device_env(1)
+        env["PYTHONPATH"] = root
+        env[launch.DIST_ENV] = launch.distributed_env(address, 2, i)
+        envs.append(env)
+    inner = f"mount --bind {hosts} /etc/hosts && exec {PY} -c {shlex.quote(_GLOO_PROBE)}"
+    r = launch.run_group(
+        [["unshare", "-m", "sh", "-c", inner]] * 2, env=envs, timeout_s=300, cwd=root
+    )
+    assert r.ok, r.reason(300)
+    got = json.loads(r.stdout_lines[-1])
+    assert got["host"] == outward  # the remap took effect inside the namespace
+    assert got["gathered"] == [0, 1]  # the collective ran
+    # the coordinator and gloo both listen, and only on loopback
+    assert len(got["listening"]) >= 2, got
+    assert all(launch.is_loopback(a) for a in got["listening"]), got

@@ -7,7 +7,9 @@ Two halves, both host-side:
   127.0.0.1 (:func:`free_loopback_port`) and tells each worker its place through one
   environment variable (:func:`distributed_env`, read back by :func:`init_from_env`). The
   coordinator *binds* to that loopback address (``jax.distributed`` would otherwise listen
-  on every interface) and the CPU collectives are gloo. :func:`listening_addresses` and
+  on every interface) and the CPU collectives are gloo, bound to 127.0.0.1 too
+  (:func:`pin_gloo_to`; by default gloo listens on whatever the host name resolves to).
+  :func:`listening_addresses` and
   :func:`is_loopback` let a worker prove that it listens on loopback only.
 * **Running a group of processes** (:func:`run_group`): start them together, stream
   process 0's stdout line by line, watch the wall clock and the resident memory of every
@@ -79,7 +81,9 @@ def initialize_loopback(
     coordinator_address: str, num_processes: int, process_id: int, timeout_s: int = 120
 ) -> None:
     """``jax.distributed.initialize`` with the coordinator bound to ``coordinator_address``
-    (which must be on loopback) and gloo CPU collectives.
+    (which must be on loopback) and gloo CPU collectives bound to 127.0.0.1
+    (:func:`pin_gloo_to`), so that nothing of the run listens off loopback. Call it before
+    anything touches a JAX backend.
 
     Raises:
       ValueError: the address is not a loopback ``host:port``.
@@ -96,6 +100,45 @@ def initialize_loopback(
         coordinator_bind_address=coordinator_address,
         initialization_timeout=int(timeout_s),
     )
+    pin_gloo_to(LOOPBACK)
+
+
+def pin_gloo_to(hostname: str) -> None:
+    """Make the CPU backend's gloo collectives listen on ``hostname`` (an address).
+
+    jax (0.10) creates gloo's TCP transport with neither a hostname nor an interface
+    (``jax._src.xla_bridge.make_cpu_client``); gloo then listens on whatever this
+    machine's host name resolves to, which is an outward address on most machines, even
+    when the coordinator is on loopback. ``jaxlib``'s ``make_gloo_tcp_collectives`` takes a
+    ``hostname``, and jax's public ``jax.extend.backend.register_backend_factory`` replaces
+    the CPU backend factory, so this builds the collectives with ``hostname`` and registers
+    a CPU factory that uses them. The collectives constructor and the CPU client factory
+    are jax internals (``jax._src``): if a jax version moves them, this raises rather than
+    silently leaving gloo on the host name's address.
+
+    Call it after ``jax.distributed.initialize`` and before the CPU backend exists.
+
+    Raises:
+      RuntimeError: the backends are already initialised, or jax's internals moved.
+    """
+    from functools import partial
+
+    try:
+        from jax._src import distributed, xla_bridge
+        from jax._src.lib import _jax
+        from jax.extend.backend import register_backend_factory
+
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError("pin_gloo_to must run before the JAX backends are initialised")
+        collectives = _jax.make_gloo_tcp_collectives(
+            distributed_client=distributed.global_state.client, hostname=hostname
+        )
+        factory = partial(xla_bridge.make_cpu_client, collectives=collectives)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise RuntimeError(
+            f"cannot bind gloo to {hostname} with this jax version ({type(e).__name__}: {e})"
+        ) from None
+    register_backend_factory("cpu", factory, priority=0, fail_quietly=False)
 
 
 def init_from_env(var: str = DIST_ENV) -> bool:
@@ -246,7 +289,7 @@ def run_group(
     new_session: bool = True,
     timeout_starts_when_child_exists: bool = False,
     tail_chars: int = 2000,
-    poll_s: float = 0.2,
+    poll_s: float = 0.5,
     grace_s: float = 60.0,
 ) -> GroupResult:
     """Run ``commands`` as one group of processes that succeed or fail together.
@@ -280,7 +323,8 @@ def run_group(
         the group has a child process: for commands run through a wrapper such as
         ``flock LOCK python ...``, the wait for the lock does not count, only the run.
       tail_chars: characters of each stderr kept in :attr:`GroupResult.stderr_tails`.
-      poll_s: seconds between checks of the processes, the clock and the memory.
+      poll_s: seconds between checks of the processes, the clock and the memory (each
+        check reads ``/proc``; lines of stdout are handed on at once regardless).
       grace_s: after process 0's stdout closes, how long the others may take to exit on
         their own before they are killed (within the timeout).
 
@@ -373,8 +417,9 @@ def run_group(
                     result.failed.append(i)
             if result.failed:
                 break
-            trees = [process_tree(p.pid) for p in procs if p.poll() is None]
-            if clock is None and any(len(t) > 1 for t in trees):
+            if clock is None and any(
+                len(process_tree(p.pid)) > 1 for p in procs if p.poll() is None
+            ):
                 clock = now
             rss = sum(tree_rss_bytes(p.pid) for p in procs if p.poll() is None)
             result.peak_tree_rss_bytes = max(result.peak_tree_rss_bytes, rss)
@@ -427,5 +472,6 @@ __all__ = [
     "is_loopback",
     "listening_addresses",
     "on_one_host",
+    "pin_gloo_to",
     "run_group",
 ]
