@@ -17,7 +17,7 @@ class InsufficientMemoryError(MemoryError):
 
 def available_memory_bytes() -> int:
     """Memory an evaluation may use: the accelerator's limit, or the host's
-    ``MemAvailable`` on CPU (total physical memory where /proc is missing)."""
+    ``MemAvailable`` on CPU (see :func:`host_available_memory_bytes`)."""
     import jax
 
     dev = jax.devices()[0]
@@ -25,6 +25,12 @@ def available_memory_bytes() -> int:
         stats = dev.memory_stats() or {}
         if "bytes_limit" in stats:
             return int(stats["bytes_limit"])
+    return host_available_memory_bytes()
+
+
+def host_available_memory_bytes() -> int:
+    """The host's ``MemAvailable`` (bytes; total physical memory where /proc is missing).
+    Starts no JAX backend."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

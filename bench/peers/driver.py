@@ -97,14 +97,11 @@ def run_side_process(
 def host_memory_limit(fraction: float) -> int:
     """``fraction`` of the host's available memory (bytes): the limit on a side's
     process-tree resident memory."""
-    import jax
-
     from celli_scale import memory
 
-    # the limit is on host RSS: ask for the host's memory, and never let the driver
-    # initialise (and take memory on) an accelerator the sides will use
-    jax.config.update("jax_platforms", "cpu")
-    return int(fraction * memory.available_memory_bytes())
+    # the limit is on host RSS: the host's memory, without starting a JAX backend (the
+    # driver must not take memory on an accelerator the sides will use)
+    return int(fraction * memory.host_available_memory_bytes())
 
 
 # --------------------------------------------------------------------------------------

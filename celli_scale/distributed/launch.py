@@ -15,7 +15,7 @@ Two halves, both host-side:
   process 0's stdout line by line, watch the wall clock and the resident memory of every
   process tree, and kill the whole group as soon as one process fails, the timeout passes
   or the memory limit is crossed. The scaling study (:mod:`celli_scale.study.run`) and the
-  peers benchmark tool (``bench/peers.py``) both run their subprocesses through it.
+  peers benchmark tool (``bench.peers.driver``) both run their subprocesses through it.
 
 Nothing here imports JAX at module level, so a launcher stays light.
 """

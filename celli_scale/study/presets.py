@@ -1,7 +1,7 @@
 """Matched hyper-parameters of the model comparison (the scaling study and the asv
 benchmarks share them) and the one way both build a potential to time.
 
-The shared keys are identical for all four models, as ``bench/PEERS.md`` states them
+The shared keys are identical for all four models, as the project's shared PEERS.md states them
 (2 layers, l_max 2, 32 features, 8 radial functions, r_cut 5 Å; 56 neighbours per atom
 on the NaCl grid); model-specific keys are in :data:`MODEL_EXTRAS`. Quick mode (tests,
 CI) keeps the same keys at tiny widths (:data:`QUICK_HYPERPARAMS`,

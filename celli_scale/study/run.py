@@ -3,7 +3,7 @@ devices) run in worker subprocesses (:func:`run_points`), the worker's body
 (:func:`worker`) and one timed point (:func:`measure_point`).
 
 The study times one jitted energy + forces evaluation of a *batch* of NaCl grids
-(``bench/PEERS.md``: simple cubic, spacing 2.2 Å, ±1 alternating, periodic), sharded
+(the project's shared PEERS.md: simple cubic, spacing 2.2 Å, ±1 alternating, periodic), sharded
 data-parallel over ``processes × devices`` workers
 (:mod:`celli_scale.distributed.data_parallel`). Strong scaling keeps the batch fixed;
 weak scaling gives every worker the same number of structures.
