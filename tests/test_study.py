@@ -224,3 +224,40 @@ def test_speedups_from_throughput_strong_and_weak():
     sp = report.speedups(rows)
     assert sp[("a", 64, "devices")] == [(1, 1.0), (2, 1.8), (4, 3.0)]
     assert sp[("a", 64, "processes")] == [(1, 1.0), (2, 1.5)]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"hyperparams": {"r_cut": -1.0}}, "r_cut"),  # before: every point failed into the CSV
+        ({"hyperparams": {"r_cut": 1e9}}, "GiB"),  # before: the run started and ran out
+        ({"sizes": [10000]}, "10000"),  # 1e12 atoms
+        ({"size_unit": "atoms", "sizes": [10**12]}, "GiB"),
+    ],
+)
+def test_study_refuses_impossible_points_before_running(change, match):
+    d = {"models": ["allegro"], "sizes": [2], **change}
+    with pytest.raises(ValueError, match=match):
+        config.StudyConfig.from_dict(d)
+
+
+def test_point_memory_floor_counts_edges():
+    from celli_scale.models import make_config
+
+    mc = make_config(presets.model_config("allegro", "float32"))
+    # 4/3 π (5/2.2)³ ≈ 49.2 neighbours per atom, 32 × 9 float32 per edge, 1000 atoms
+    want = 1000 * 4 / 3 * math.pi * (5.0 / 2.2) ** 3 * 32 * 9 * 4
+    assert config.point_memory_floor(10, 2.2, mc) == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_exits_nonzero_when_points_fail(monkeypatch, tmp_path, capsys):
+    import celli_scale.study as study
+    from celli_scale.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("models: [allegro]\nsizes: [2]\n")
+    bad = {"model": "allegro", "n_atoms": 8, "devices": 1, "processes": 1}
+    bad["status"] = "error: RuntimeError: boom"
+    monkeypatch.setattr(study, "run_study", lambda cfg, out: [bad])
+    assert main(["scale", str(cfg), "--out", str(tmp_path / "o")]) == 1
+    assert "boom" in capsys.readouterr().err

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from celli_scale.study.config import StudyConfig, load_config
@@ -45,8 +46,16 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = Path(getattr(args, "out", "out/scale"))
     rows = run_study(cfg, out)
+    ok = ok_rows(rows)
     print(
-        f"{len(ok_rows(rows))}/{len(rows)} points ok; wrote {out / 'results.csv'}, "
+        f"{len(ok)}/{len(rows)} points ok; wrote {out / 'results.csv'}, "
         f"{out / 'results.md'} and 3 plots"
     )
-    return 0
+    failed = [r for r in rows if r not in ok]
+    for r in failed:
+        print(
+            f"failed: {r['model']} N={r['n_atoms']} processes={r.get('processes', 1)} "
+            f"devices={r['devices']}: {r['status']}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0

@@ -201,7 +201,33 @@ class StudyConfig:
                     f"got {me!r}"
                 )
             kw["model_extras"] = {k: dict(v) for k, v in me.items()}
-        return cls(**kw)
+        cfg = cls(**kw)
+        cfg.validate_models()
+        return cfg
+
+    def validate_models(self) -> None:
+        """Check every model's full config and every point's size before anything runs:
+        ValueError naming the model, the key or the size (and the memory a point would
+        need at least), so a bad study fails at once instead of point by point."""
+        from celli_scale import models as models_mod
+        from celli_scale.memory import host_available_memory_bytes
+
+        limit = host_available_memory_bytes()
+        for model in self.models:
+            cfg = self.model_config(model)
+            try:
+                mc = models_mod.make_config(cfg)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"scaling config, model {model!r}: {e}") from None
+            for n in self.sizes:
+                need = point_memory_floor(n, self.spacing, mc, self.batch_for(1))
+                if need > limit:
+                    raise ValueError(
+                        f"scaling config, model {model!r}, size {n} (N = {n**3} atoms, "
+                        f"r_cut {mc.r_cut:g} Å, spacing {self.spacing:g} Å): the edge features "
+                        f"alone need at least {need / 2**30:.3g} GiB, more than this machine "
+                        f"has available ({limit / 2**30:.1f} GiB); choose smaller sizes or r_cut"
+                    )
 
     @property
     def worker_counts(self) -> tuple[int, ...]:
@@ -227,6 +253,18 @@ class StudyConfig:
         hp = {**FULL_HYPERPARAMS, **self.hyperparams}
         extras = {model: {**MODEL_EXTRAS.get(model, {}), **self.model_extras.get(model, {})}}
         return model_config(model, self.dtype, hp, extras)
+
+
+def point_memory_floor(n: int, spacing: float, config: Any, batch: int = 1) -> float:
+    """Lower bound (bytes) of one step's memory on ``batch`` NaCl grids of ``n³`` atoms:
+    edges ≈ N · (4/3 π r_cut³ / spacing³) (periodic images included), each carrying at
+    least one ``channels × (l_max + 1)²`` feature vector. A floor, not an estimate (the
+    compiled program needs several times more): a point over the host's memory is refused
+    before the study starts."""
+    n_atoms = float(n) ** 3
+    neighbours = 4.0 / 3.0 * math.pi * (float(config.r_cut) / float(spacing)) ** 3
+    per_edge = config.channels * (config.l_max + 1) ** 2 * (8 if config.dtype == "float64" else 4)
+    return batch * n_atoms * neighbours * per_edge
 
 
 def load_config(path: str | os.PathLike) -> StudyConfig:
