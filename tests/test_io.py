@@ -208,6 +208,18 @@ def test_extxyz_malformed_names_line_and_problem(tmp_path, text, pattern):
         io.read(path)
 
 
+def test_extxyz_slab_with_zero_open_vector(tmp_path):
+    # ASE writes slabs with a zero vector along the open axis; before: "singular cell"
+    path = tmp_path / "slab.xyz"
+    path.write_text(
+        '2\nLattice="4 0 0 0 4 0 0 0 0" Properties=species:S:1:pos:R:3 pbc="T T F"\n'
+        "H 0 0 0\nH 2 2 1\n"
+    )
+    (f,) = io.read(path)
+    assert f.system.pbc == (True, True, False)
+    np.testing.assert_array_equal(np.asarray(f.system.cell)[2], [0.0, 0.0, 0.0])
+
+
 def test_extxyz_frame_index_out_of_range(tmp_path):
     # before: "not a readable extxyz file: " (empty reason)
     path = tmp_path / "one.xyz"

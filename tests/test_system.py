@@ -225,6 +225,9 @@ def test_slab_with_zero_open_vector_ase_convention():
             cell=np.diag([4.0, 4.0, 0.0]),
             pbc=(True, True, False),
         )
+    # electrostatics of partly periodic systems: a clear refusal, as for slabs with vacuum
+    with pytest.raises(NotImplementedError, match="partly periodic"):
+        cs.electrostatics.prepare(slab)
     # a zero vector along a periodic axis, or a non-zero open vector in the periodic
     # plane, stays singular
     with pytest.raises(ValueError, match="singular"):
