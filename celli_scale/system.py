@@ -32,7 +32,15 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _as_pbc(pbc: Any) -> tuple[bool, bool, bool]:
-    arr = np.asarray(pbc, dtype=bool).reshape(-1)
+    raw = np.asarray(False if pbc is None else pbc)
+    if raw.ndim > 1:
+        raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    if raw.dtype.kind == "f" or raw.dtype.kind in "iu":
+        if not np.all((raw == 0) | (raw == 1)):
+            raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    elif raw.dtype.kind != "b":  # strings ('F' would read as True), objects
+        raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    arr = raw.astype(bool).reshape(-1)
     if arr.size == 1:
         arr = np.repeat(arr, 3)
     if arr.size != 3:

@@ -53,6 +53,20 @@ def test_singular_cell_allowed_without_pbc():
     assert s.n_atoms == 2 and not s.periodic
 
 
+@pytest.mark.parametrize("pbc", ["TTF", "abc", [1, 0, 2], [True, False], [[True] * 3]])
+def test_bad_pbc_names_field(pbc):
+    # before: any non-empty string (also "TTF") read as periodic along all axes
+    with pytest.raises(ValueError, match="pbc must be a bool or 3 bools"):
+        cs.System(TWO_ATOMS, [1, 1], cell=np.eye(3) * 5.0, pbc=pbc)
+
+
+def test_pbc_accepts_bools_numpy_bools_and_0_1():
+    cell = np.eye(3) * 5.0
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=[1, 0, 1]).pbc == (True, False, True)
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=np.bool_(True)).pbc == (True,) * 3
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=np.array([0, 0, 1])).pbc[2]
+
+
 def test_pbc_without_cell():
     with pytest.raises(ValueError, match="needs a cell"):
         cs.System(TWO_ATOMS, [1, 1], pbc=True)
