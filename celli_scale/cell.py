@@ -14,7 +14,7 @@ here it is replaced by a unit vector normal to the periodic ones (:func:`complet
 
 Size limits: a pair search over periodic images is refused *before* it allocates when it
 would need more than :data:`MAX_IMAGE_SHIFTS` image shifts or an estimated
-:data:`MAX_SEARCH_BYTES` bytes (:func:`check_search_size`), so a degenerate cell or a huge
+:func:`search_byte_limit` bytes (:func:`check_search_size`), so a degenerate cell or a huge
 cut-off raises a ``ValueError`` naming the memory instead of a ``MemoryError`` (or minutes
 of work) later.
 """
@@ -30,8 +30,9 @@ from scipy.spatial import cKDTree
 MIN_CELL_LENGTH = 1e-3
 #: Most periodic image shifts one pair search may visit.
 MAX_IMAGE_SHIFTS = 200_000
-#: Largest estimated memory (bytes) one pair search may need (ghost atoms and pairs).
-MAX_SEARCH_BYTES = 8 * 2**30
+#: Largest estimated memory (bytes) one pair search may need (ghost atoms and pairs);
+#: None: half of this machine's physical memory (see :func:`search_byte_limit`).
+MAX_SEARCH_BYTES: int | None = None
 # bytes per ghost atom (position, index, shift) and per found pair (i, j, shift, distance
 # and the k-d tree's output)
 _GHOST_BYTES = 56
@@ -40,6 +41,19 @@ _PAIR_BYTES = 80
 
 class SearchTooLargeError(ValueError):
     """A pair search would need more image shifts or memory than the limits allow."""
+
+
+def search_byte_limit() -> int:
+    """:data:`MAX_SEARCH_BYTES` if set, else half of the physical memory (8 GiB when the
+    platform does not tell)."""
+    if MAX_SEARCH_BYTES is not None:
+        return int(MAX_SEARCH_BYTES)
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
 
 
 def complete_cell(cell: np.ndarray, pbc) -> np.ndarray:
@@ -141,7 +155,7 @@ def check_search_size(n_atoms: int, cell: np.ndarray | None, pbc, cutoff: float)
 
     Raises:
       SearchTooLargeError: (a ``ValueError``) naming the cell, the cut-off and the
-        estimated memory, when above :data:`MAX_IMAGE_SHIFTS` or :data:`MAX_SEARCH_BYTES`.
+        estimated memory, when above :data:`MAX_IMAGE_SHIFTS` or :func:`search_byte_limit`.
     """
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     if cell is None or not pbc.any():
@@ -155,13 +169,14 @@ def check_search_size(n_atoms: int, cell: np.ndarray | None, pbc, cutoff: float)
     if pbc.all():
         pairs = float(n_atoms) ** 2 * 4 / 3 * np.pi * cutoff**3 / abs(np.linalg.det(full))
     need = ghosts * _GHOST_BYTES + pairs * _PAIR_BYTES
-    if n_shifts > MAX_IMAGE_SHIFTS or need > MAX_SEARCH_BYTES:
+    limit = search_byte_limit()
+    if n_shifts > MAX_IMAGE_SHIFTS or need > limit:
         raise SearchTooLargeError(
             f"pair search too large: {n_atoms} atoms within {cutoff:g} Å in a cell with plane "
             f"spacings {np.round(h, 6).tolist()} Å (pbc={tuple(bool(p) for p in pbc)}) needs "
             f"{n_shifts} periodic images, about {ghosts:.3g} image atoms and {pairs:.3g} "
             f"pairs, about {need / 2**30:.3g} GiB (limits: {MAX_IMAGE_SHIFTS} images, "
-            f"{MAX_SEARCH_BYTES / 2**30:g} GiB); check the cell and the cut-off"
+            f"{limit / 2**30:.3g} GiB); check the cell and the cut-off"
         )
 
 

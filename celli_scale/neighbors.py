@@ -201,7 +201,7 @@ def neighbor_list_fn(
     Raises:
       ValueError: ``r_cut`` not positive and finite, ``capacity`` not a positive integer,
         a singular periodic cell, or (from ``build``, at trace time) a dense search over
-        more than :data:`celli_scale.cell.MAX_SEARCH_BYTES` bytes.
+        more than :func:`celli_scale.cell.search_byte_limit` bytes.
     """
     r_cut_f = _check_r_cut(r_cut)
     if isinstance(capacity, bool | np.bool_) or not isinstance(capacity, int | np.integer):
@@ -230,11 +230,12 @@ def neighbor_list_fn(
         n = positions.shape[0]
         # (i, j, image) arrays of vectors, squared distances and flags
         need = n * n * n_img * (4 * positions.dtype.itemsize + 2)
-        if need > cellmod.MAX_SEARCH_BYTES:
+        limit = cellmod.search_byte_limit()
+        if need > limit:
             raise cellmod.SearchTooLargeError(
                 f"neighbor_list_fn: a dense search over {n} atoms and {n_img} periodic "
-                f"images needs about {need / 2**30:.3g} GiB (limit "
-                f"{cellmod.MAX_SEARCH_BYTES / 2**30:g} GiB); use neighbor_list on the host"
+                f"images needs about {need / 2**30:.3g} GiB (limit {limit / 2**30:.3g} "
+                "GiB); use neighbor_list on the host"
             )
         c = cell_now if cell_now is not None else (jnp.asarray(cell) if periodic else None)
         img = (
