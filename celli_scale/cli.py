@@ -78,6 +78,8 @@ def info_lines(frames: Sequence, path: str, fmt: str) -> list[str]:
     """Human-readable summary of ``frames`` (units: Å, e), one string per line."""
     from ase.data import chemical_symbols
 
+    if len(frames) == 0:
+        return [f"file: {path} (format: {fmt})", "frames: 0"]
     sizes = np.array([f.n_atoms for f in frames])
     counts: Counter[int] = Counter()
     for f in frames:
@@ -136,13 +138,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"info": _cmd_info, **{k: _cmd_module for k in _module_commands()}}
     try:
         return commands[args.command](args)
-    except (OSError, ValueError, CLIError) as e:
+    # User errors: bad or unreadable input (ValueError, OSError, the library's errors are
+    # subclasses), a feature the input needs that is not implemented (e.g. electrostatics
+    # of a slab), not enough memory for what was asked. Programming errors keep their
+    # traceback; -vv logs the traceback of user errors too.
+    except (OSError, ValueError, CLIError, NotImplementedError, MemoryError) as e:
         logger.debug("%s failed", args.command, exc_info=True)
         msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+        if isinstance(e, MemoryError):
+            msg = f"out of memory ({msg}); try a smaller input"
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{e.filename}: {msg}"
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

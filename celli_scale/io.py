@@ -204,18 +204,58 @@ def _frames_list(frames: Frame | Sequence[Frame], where: str) -> list[Frame]:
 
 
 def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise DataFormatError(f"{path}: a directory, not a structure or data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
 
 
-def _select(frames: list[Frame], index: Index) -> list[Frame]:
+def _reason(e: BaseException) -> str:
+    """A one-line reason for an exception from a third-party reader (never empty)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError) and e.args:
+        text = f"unknown key {e.args[0]!r}"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _parse_index(index: Any, path: Path) -> int | slice:
+    """``index`` (int, numpy integer, slice or ASE-style string) as an int or a slice."""
     if isinstance(index, str):
         from ase.io.formats import string2index
 
-        index = string2index(index)
+        try:
+            index = string2index(index)
+        except ValueError:
+            raise DataFormatError(
+                f"{path}: bad frame index {index!r} (use e.g. ':', -1, '0:10:2')"
+            ) from None
     if isinstance(index, slice):
-        return frames[index]
-    return [frames[int(index)]]
+        for part in ("start", "stop", "step"):
+            v = getattr(index, part)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+                raise DataFormatError(f"{path}: bad frame index {index!r} ({part} {v!r})")
+        if index.step == 0:
+            raise DataFormatError(f"{path}: bad frame index {index!r} (step 0)")
+        return index
+    if isinstance(index, bool | np.bool_) or not isinstance(index, int | np.integer):
+        raise DataFormatError(f"{path}: bad frame index {index!r} (an int, slice or string)")
+    return int(index)
+
+
+def _check_index(index: int | slice, n_frames: int, path: Path) -> None:
+    if isinstance(index, int) and not -n_frames <= index < n_frames:
+        raise DataFormatError(
+            f"{path}: frame index {index} is out of range: the file has {n_frames} "
+            f"frame{'s' if n_frames != 1 else ''}"
+        )
+
+
+def _select(frames: list[Frame], index: Index, path: Path) -> list[Frame]:
+    idx = _parse_index(index, path)
+    _check_index(idx, len(frames), path)
+    if isinstance(idx, slice):
+        return frames[idx]
+    return [frames[idx]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,18 +271,120 @@ def read_extxyz(path: str | os.PathLike, index: Index = ":", **system_kwargs: An
 
     Returns:
       a list of frames (also for an integer index).
+
+    Raises:
+      DataFormatError: naming the file, the line (and frame/atom) and the problem: an
+        empty file, a bad atom count, a missing line, a wrong number of columns for the
+        frame's ``Properties``, an unknown element, a frame index out of range.
     """
     import ase.io
 
     path = Path(path)
     _check_exists(path)
+    starts = _scan_extxyz(path)
+    idx = _parse_index(index, path)
+    _check_index(idx, len(starts), path)
     try:
-        images = ase.io.read(path, index=index, format="extxyz")
+        images = ase.io.read(path, index=idx, format="extxyz")
     except (ValueError, OSError, IndexError, KeyError, TypeError, StopIteration) as e:
-        raise DataFormatError(f"{path}: not a readable extxyz file: {e}") from None
+        raise DataFormatError(f"{path}: not a readable extxyz file: {_reason(e)}") from None
     if not isinstance(images, list):
         images = [images]
-    return [_from_ase_checked(a, path, k, **system_kwargs) for k, a in enumerate(images)]
+    numbers = list(range(len(starts)))
+    chosen = numbers[idx] if isinstance(idx, slice) else [numbers[idx]]
+    if len(chosen) != len(images):
+        raise DataFormatError(
+            f"{path}: ASE read {len(images)} frame(s) where {len(chosen)} were expected"
+        )
+    pairs = zip(chosen, images, strict=True)
+    return [_from_ase_checked(a, path, k, **system_kwargs) for k, a in pairs]
+
+
+def _extxyz_columns(comment: str, path: Path, lineno: int) -> tuple[int, int | None, str]:
+    """Columns an atom line must have, the species column (or None) and the
+    ``Properties`` string, from an extxyz comment line."""
+    props = "species:S:1:pos:R:3"
+    if "properties=" in comment.lower():
+        from ase.io.extxyz import key_val_str_to_dict
+
+        try:
+            info = key_val_str_to_dict(comment)
+        except Exception as e:  # ASE raises several types for a malformed comment line
+            raise DataFormatError(
+                f"{path} line {lineno}: malformed extxyz comment line ({_reason(e)})"
+            ) from None
+        props = next((str(v) for k, v in info.items() if k.lower() == "properties"), props)
+    fields = props.split(":")
+    if len(fields) % 3:
+        raise DataFormatError(f"{path} line {lineno}: malformed Properties={props!r}")
+    n_cols, species_col = 0, None
+    for k in range(0, len(fields), 3):
+        name, kind, count = fields[k : k + 3]
+        if not count.isdigit() or kind not in ("S", "R", "I", "L"):
+            raise DataFormatError(
+                f"{path} line {lineno}: malformed Properties={props!r} at {name!r}"
+            )
+        if name == "species":
+            species_col = n_cols
+        n_cols += int(count)
+    return n_cols, species_col, props
+
+
+def _scan_extxyz(path: Path) -> list[int]:
+    """Check the frame structure of an extxyz file line by line; return the line number
+    where each frame starts. Raises :class:`DataFormatError` naming the line."""
+    from ase.data import atomic_numbers
+
+    starts: list[int] = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            lines = iter(enumerate(fh, start=1))
+            for lineno, line in lines:
+                text = line.strip()
+                if not text:
+                    continue  # blank lines between frames (and at the end) are allowed
+                k = len(starts)
+                try:
+                    n = int(text)
+                except ValueError:
+                    raise DataFormatError(
+                        f"{path} line {lineno}: frame {k} should start with the number of "
+                        f"atoms, got {text[:40]!r}"
+                    ) from None
+                if n < 1:
+                    raise DataFormatError(f"{path} line {lineno}: frame {k} has {n} atoms")
+                starts.append(lineno)
+                comment = next(lines, None)
+                if comment is None:
+                    raise DataFormatError(
+                        f"{path} line {lineno}: frame {k} ends before its comment line"
+                    )
+                n_cols, species_col, props = _extxyz_columns(comment[1], path, comment[0])
+                for atom in range(n):
+                    item = next(lines, None)
+                    if item is None:
+                        raise DataFormatError(
+                            f"{path} line {lineno}: frame {k} announces {n} atoms but the "
+                            f"file ends after {atom}"
+                        )
+                    at, cols = item[0], item[1].split()
+                    if len(cols) != n_cols:
+                        raise DataFormatError(
+                            f"{path} line {at} (frame {k}, atom {atom}): {len(cols)} columns, "
+                            f"but Properties={props} needs {n_cols}"
+                        )
+                    if species_col is not None:
+                        sym = cols[species_col]
+                        if not (atomic_numbers.get(sym, 0) > 0 or sym.isdigit()):
+                            raise DataFormatError(
+                                f"{path} line {at} (frame {k}, atom {atom}): unknown element "
+                                f"{sym!r}"
+                            )
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not a text file ({e.reason})") from None
+    if not starts:
+        raise DataFormatError(f"{path}: no frames (the file is empty)")
+    return starts
 
 
 def _from_ase_checked(atoms: Any, path: Path, k: int, **system_kwargs: Any) -> Frame:
@@ -537,15 +679,33 @@ def load_npz(path: str | os.PathLike, **system_kwargs: Any) -> list[Frame]:
     """
     path = Path(path)
     _check_exists(path)
+    with path.open("rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataFormatError(f"{path}: a single .npy array, not an .npz data set")
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise DataFormatError(
+            f"{path}: not an .npz data set (not a zip archive of arrays, as save_npz writes)"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    key = None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise DataFormatError(f"{path}: a single .npy array, not an .npz data set")
-            arrays = {k: data[k] for k in data.files}
-    except DataFormatError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"{path}: not a readable .npz data set: {e}") from None
+        data = np.load(path, allow_pickle=False)
+        try:
+            for key in data.files:
+                arrays[key] = data[key]
+        finally:
+            data.close()
+    except ValueError as e:
+        if "pickle" in str(e):
+            # numpy suggests allow_pickle=True here; data files are never unpickled
+            raise DataFormatError(
+                f"{path}: not a readable .npz data set: array {key!r} holds Python "
+                "objects (pickled data), which are never loaded"
+            ) from None
+        raise DataFormatError(f"{path}: not a readable .npz data set: {_reason(e)}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataFormatError(f"{path}: not a readable .npz data set: {_reason(e)}") from None
     return _frames_from_arrays(arrays, path, system_kwargs)
 
 
@@ -654,23 +814,28 @@ def read(
     if fmt == "extxyz":
         return read_extxyz(path, index, **system_kwargs)
     if fmt == "runner":
-        return _select(read_runner(path, **system_kwargs), index)
+        return _select(read_runner(path, **system_kwargs), index, path)
     if fmt == "npz":
-        return _select(load_npz(path, **system_kwargs), index)
+        return _select(load_npz(path, **system_kwargs), index, path)
     if fmt == "ase":
         import ase.io
         from ase.io.formats import UnknownFileTypeError
 
         _check_exists(path)
+        idx = _parse_index(index, path)
         try:
-            images = ase.io.read(path, index=index)
+            images = ase.io.read(path, index=idx)
         except UnknownFileTypeError:
             raise DataFormatError(
                 f"{path}: cannot tell the file format from its name; use .xyz/.extxyz, "
                 "input.data/.data or .npz"
             ) from None
-        except (ValueError, OSError, IndexError, KeyError, TypeError, StopIteration) as e:
-            raise DataFormatError(f"{path}: ASE cannot read it: {e}") from None
+        except IndexError:
+            raise DataFormatError(
+                f"{path}: frame index {index!r} is out of range for this file"
+            ) from None
+        except (ValueError, OSError, KeyError, TypeError, StopIteration) as e:
+            raise DataFormatError(f"{path}: ASE cannot read it: {_reason(e)}") from None
         if not isinstance(images, list):
             images = [images]
         return [_from_ase_checked(a, path, k, **system_kwargs) for k, a in enumerate(images)]

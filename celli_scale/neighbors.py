@@ -30,7 +30,7 @@ import numpy as np
 from flax import struct
 
 from celli_scale import cell as cellmod
-from celli_scale.system import Batch, System
+from celli_scale.system import Batch, System, real_number
 
 
 class NeighborListOverflowError(ValueError):
@@ -86,6 +86,14 @@ def _pad_pairs(i, j, s, capacity: int, dtype) -> dict[str, Any]:
     return dict(senders=senders, receivers=receivers, shifts=shifts, mask=mask)
 
 
+def _check_r_cut(r_cut: Any) -> float:
+    """``r_cut`` as a float (Python or numpy reals): positive and finite, else ValueError."""
+    r = real_number(r_cut, "r_cut")
+    if not (np.isfinite(r) and r > 0):
+        raise ValueError(f"r_cut must be a positive, finite number of Å, got {r_cut!r}")
+    return r
+
+
 def _grown(n: int, capacity: int | None, growth: float) -> int:
     if capacity is not None and capacity >= max(n, 1):
         return int(capacity)
@@ -109,9 +117,12 @@ def neighbor_list(
 
     Returns:
       A :class:`NeighborList` that never overflows.
+
+    Raises:
+      ValueError: ``r_cut`` not positive and finite; the search would be too large
+        (:class:`celli_scale.cell.SearchTooLargeError`, naming the memory it would need).
     """
-    if not r_cut > 0:
-        raise ValueError(f"r_cut must be positive, got {r_cut}")
+    r_cut = _check_r_cut(r_cut)
     if isinstance(system.positions, jax.core.Tracer):
         raise ValueError("neighbor_list needs concrete positions; inside jit use neighbor_list_fn")
     pos = np.asarray(system.positions, dtype=float)
@@ -133,6 +144,7 @@ def neighbor_list_batch(
 
     Indices are per system (into that system's padded atoms). Padding atoms never appear.
     """
+    r_cut = _check_r_cut(r_cut)
     lists = []
     for k in range(batch.n_systems):
         m = np.asarray(batch.mask[k])
@@ -185,20 +197,46 @@ def neighbor_list_fn(
       ``build(positions, cell=None) -> NeighborList``; its ``did_buffer_overflow`` is set
       when more than ``capacity`` pairs exist (the host must rebuild; see
       :func:`check_overflow`).
+
+    Raises:
+      ValueError: ``r_cut`` not positive and finite, ``capacity`` not a positive integer,
+        a singular periodic cell, or (from ``build``, at trace time) a dense search over
+        more than :func:`celli_scale.cell.search_byte_limit` bytes.
     """
+    r_cut_f = _check_r_cut(r_cut)
+    if isinstance(capacity, bool | np.bool_) or not isinstance(capacity, int | np.integer):
+        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+    capacity = int(capacity)
+    if capacity < 1:
+        raise ValueError(f"capacity must be a positive integer, got {capacity}")
+    cell_margin = real_number(cell_margin, "cell_margin")
+    if not (np.isfinite(cell_margin) and cell_margin >= 0):
+        raise ValueError(f"cell_margin must be finite and >= 0, got {cell_margin}")
     pbc_t = tuple(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).tolist())
     periodic = cell is not None and any(pbc_t)
     if periodic:
         cell_np = np.asarray(cell, dtype=float)
-        shifts = cellmod.image_shifts(cell_np, pbc_t, r_cut * (1 + cell_margin))
+        if cell_np.shape != (3, 3) or not np.all(np.isfinite(cell_np)):
+            raise ValueError(f"cell must be a finite (3, 3) array, got {cell_np.shape}")
+        # the same cell checks as System (open-axis vectors may be zero)
+        System(np.zeros((1, 3)), [1], cell=cell_np, pbc=pbc_t, min_distance=0.0)
+        shifts = cellmod.image_shifts(cell_np, pbc_t, r_cut_f * (1 + cell_margin))
     else:
         shifts = np.zeros((1, 3), dtype=int)
     shifts_f = jnp.asarray(shifts, dtype=jnp.float64 if jax.config.jax_enable_x64 else None)
     n_img = shifts.shape[0]
-    r_cut_f = float(r_cut)
 
     def build(positions: jax.Array, cell_now: jax.Array | None = None) -> NeighborList:
         n = positions.shape[0]
+        # (i, j, image) arrays of vectors, squared distances and flags
+        need = n * n * n_img * (4 * positions.dtype.itemsize + 2)
+        limit = cellmod.search_byte_limit()
+        if need > limit:
+            raise cellmod.SearchTooLargeError(
+                f"neighbor_list_fn: a dense search over {n} atoms and {n_img} periodic "
+                f"images needs about {need / 2**30:.3g} GiB (limit {limit / 2**30:.3g} "
+                "GiB); use neighbor_list on the host"
+            )
         c = cell_now if cell_now is not None else (jnp.asarray(cell) if periodic else None)
         img = (
             (shifts_f.astype(positions.dtype) @ c)

@@ -11,8 +11,10 @@ Units: energy eV, forces eV/Å, stress eV/Å³ (ASE's sign convention), charges 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,15 @@ from celli_scale.system import Batch, System
 #: File in a saved potential's directory holding the model config.
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+#: File listing the sha256 of ``config.json`` and of every file under ``params/``.
+MANIFEST_FILE = "manifest.json"
+#: Version tag of the saved-potential layout, stored in the manifest.
+SAVE_FORMAT = "celli_scale.potential/1"
+
+
+class SavedModelError(ValueError):
+    """A saved potential cannot be loaded: missing, altered, malformed or unreadable files.
+    The message names the directory or file and the problem."""
 
 
 @struct.dataclass
@@ -146,9 +157,25 @@ class Potential:
         example: System | None = None,
         **kwargs: Any,
     ) -> Potential:
-        """A freshly initialised potential. ``species`` defaults to those in ``example``."""
-        cfg = config if isinstance(config, dict) else config.to_dict()
-        cfg = dict(cfg)
+        """A freshly initialised potential. ``species`` defaults to those in ``example``.
+
+        Raises:
+          ValueError: ``config`` is not a dict or config dataclass, a key is unknown or a
+            value has the wrong type (naming the field), ``seed`` is not an integer.
+        """
+        if isinstance(config, ModelConfig):
+            cfg = config.to_dict()
+        elif isinstance(config, dict):
+            cfg = dict(config)
+        else:
+            raise ValueError(
+                "from_config needs a dict (e.g. {'name': 'allegro'}) or a model config "
+                f"dataclass, got {type(config).__name__}"
+            )
+        if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if example is not None and not isinstance(example, System):
+            raise ValueError(f"example must be a System, got {type(example).__name__}")
         if cfg.get("species") is None:
             if example is None:
                 raise ValueError("from_config needs config['species'] or an example system")
@@ -321,36 +348,140 @@ class Potential:
 
     # -- persistence --------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Save as a directory: ``config.json`` plus an orbax checkpoint of the parameters.
-        Loading never runs code (no pickle)."""
+        """Save as a directory: ``config.json``, an orbax checkpoint of the parameters in
+        ``params/`` and ``manifest.json`` (the layout version and the sha256 of
+        ``config.json`` and of every file under ``params/``), written last.
+        Loading never runs code (no pickle) and checks the manifest."""
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
         path.mkdir(parents=True, exist_ok=True)
+        # a save interrupted from here on leaves no manifest, so load refuses it clearly
+        (path / MANIFEST_FILE).unlink(missing_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(path / PARAMS_DIR, self.params, force=True)
         ckpt.wait_until_finished()
+        manifest = {"format": SAVE_FORMAT, "sha256": _hash_files(path)}
+        tmp = path / f".{MANIFEST_FILE}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path / MANIFEST_FILE)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> Potential:
-        """Load a directory written by :meth:`save`."""
+        """Load a directory written by :meth:`save`.
+
+        The manifest is checked first: a file that changed, is missing or was added under
+        ``params/`` is refused, naming it. A directory without ``manifest.json`` (saved
+        before manifests existed, or by hand) loads with a ``UserWarning``: its files cannot
+        be checked. The config's values are type-checked strictly (``r_cut: true`` or
+        ``"5"`` is refused), and unreadable parameters raise one clear error.
+
+        Raises:
+          SavedModelError: (a ``ValueError``) naming the directory or file and the problem.
+        """
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
+        if not path.is_dir():
+            raise SavedModelError(f"{path}: not a saved potential (no such directory)")
         cfg_file = path / CONFIG_FILE
         if not cfg_file.is_file():
-            raise ValueError(f"{path}: not a saved potential (missing {CONFIG_FILE})")
+            raise SavedModelError(f"{path}: not a saved potential (missing {CONFIG_FILE})")
+        if (path / MANIFEST_FILE).is_file():
+            _verify_manifest(path)
+        else:
+            warnings.warn(
+                f"{path}: no {MANIFEST_FILE}; the files cannot be checked for changes "
+                "(re-save the potential to add one)",
+                UserWarning,
+                stacklevel=2,
+            )
         try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_file}: malformed JSON ({exc})") from None
-        model = models_mod.build(cfg)
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SavedModelError(f"{cfg_file}: malformed JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise SavedModelError(
+                f"{cfg_file}: expected a JSON object of config keys, got {type(cfg).__name__}"
+            )
+        try:
+            model = models_mod.build(cfg)
+        except ValueError as exc:
+            raise SavedModelError(f"{cfg_file}: {exc}") from None
         pot = cls(model, None, **kwargs)
         graph = pot.graph(_dummy_system(pot.config))
         target = jax.eval_shape(model.init, jax.random.PRNGKey(0), graph)
-        pot.params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        params_dir = path / PARAMS_DIR
+        if not params_dir.is_dir():
+            raise SavedModelError(f"{path}: not a saved potential (missing {PARAMS_DIR}/)")
+        try:
+            params = ocp.StandardCheckpointer().restore(params_dir, target)
+        except Exception as exc:  # orbax/tensorstore raise many types for damaged files
+            first = " ".join(str(exc).split("See full TensorStore details")[0].split())[:200]
+            raise SavedModelError(
+                f"{params_dir}: the parameter checkpoint is damaged or does not match "
+                f"{CONFIG_FILE} ({type(exc).__name__}: {first})"
+            ) from None
+        for (kp, want), got in zip(
+            jax.tree_util.tree_leaves_with_path(target),
+            jax.tree_util.tree_leaves(params),
+            strict=True,
+        ):
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise SavedModelError(
+                    f"{params_dir}: parameter {jax.tree_util.keystr(kp)} has "
+                    f"{got.dtype}{list(got.shape)}, but {CONFIG_FILE} needs "
+                    f"{want.dtype}{list(want.shape)}"
+                )
+        pot.params = params
         return pot
+
+
+def _hash_files(path: Path) -> dict[str, str]:
+    """sha256 of ``config.json`` and of every file under ``params/`` (relative POSIX names)."""
+    files = [path / CONFIG_FILE]
+    params = path / PARAMS_DIR
+    if params.is_dir():
+        files += sorted(p for p in params.rglob("*") if p.is_file() or p.is_symlink())
+    out = {}
+    for f in files:
+        name = f.relative_to(path).as_posix()
+        if f.is_symlink():
+            raise SavedModelError(f"{f}: a saved potential must not contain symbolic links")
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[name] = h.hexdigest()
+    return out
+
+
+def _verify_manifest(path: Path) -> None:
+    mfile = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(mfile.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SavedModelError(f"{mfile}: malformed JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SAVE_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise SavedModelError(f"{mfile}: field 'format': expected {SAVE_FORMAT!r}, got {got!r}")
+    want = manifest.get("sha256")
+    if not isinstance(want, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in want.items()
+    ):
+        raise SavedModelError(f"{mfile}: field 'sha256' must map file names to hex digests")
+    have = _hash_files(path)
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            raise SavedModelError(f"{path / name}: listed in {MANIFEST_FILE} but missing")
+        if name not in want:
+            raise SavedModelError(f"{path / name}: not listed in {MANIFEST_FILE} (added later?)")
+        if have[name] != want[name]:
+            raise SavedModelError(
+                f"{path / name}: changed since the potential was saved (sha256 differs "
+                f"from {MANIFEST_FILE})"
+            )
 
 
 def _dummy_system(config: ModelConfig) -> System:

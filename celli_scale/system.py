@@ -5,11 +5,13 @@ Both are JAX pytrees. Positions, species, cell and total charge are leaves, so a
 periodic flags are static metadata. Validation that needs concrete values (NaN/inf,
 overlapping atoms, singular cells) runs only when the inputs are concrete.
 
-Units: positions and cell in Å, total charge in e, species as atomic numbers.
+Units: positions and cell in Å, total charge in e, species as atomic numbers (element
+symbols such as ``"Na"`` are accepted wherever atomic numbers are).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,7 +32,15 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _as_pbc(pbc: Any) -> tuple[bool, bool, bool]:
-    arr = np.asarray(pbc, dtype=bool).reshape(-1)
+    raw = np.asarray(False if pbc is None else pbc)
+    if raw.ndim > 1:
+        raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    if raw.dtype.kind == "f" or raw.dtype.kind in "iu":
+        if not np.all((raw == 0) | (raw == 1)):
+            raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    elif raw.dtype.kind != "b":  # strings ('F' would read as True), objects
+        raise ValueError(f"pbc must be a bool or 3 bools, got {pbc!r}")
+    arr = raw.astype(bool).reshape(-1)
     if arr.size == 1:
         arr = np.repeat(arr, 3)
     if arr.size != 3:
@@ -38,11 +48,68 @@ def _as_pbc(pbc: Any) -> tuple[bool, bool, bool]:
     return (bool(arr[0]), bool(arr[1]), bool(arr[2]))
 
 
-def _float_array(x: Any) -> jax.Array:
+def _float_array(x: Any, name: str = "value") -> jax.Array:
+    if not isinstance(x, jax.Array):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"{name} must be real numbers, got {_describe(x)}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     return x
+
+
+def _describe(x: Any) -> str:
+    text = repr(x)
+    return (text[:60] + "...") if len(text) > 60 else text
+
+
+def real_number(value: Any, name: str) -> float:
+    """``value`` as a Python float if it is a real number (Python or numpy int/float, a
+    0-d array); ``ValueError`` naming ``name`` otherwise (bools and strings included)."""
+    if isinstance(value, np.ndarray | jax.Array) and value.ndim == 0:
+        value = value.item() if not isinstance(value, jax.core.Tracer) else value
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {_describe(value)}")
+    return float(value)
+
+
+def atomic_numbers(species: Any, name: str = "species") -> np.ndarray:
+    """``species`` as an integer array of atomic numbers. Accepts atomic numbers (ints, or
+    floats with integer values) and element symbols (``"Na"``, ``"Cl"``), also mixed.
+
+    Raises:
+      ValueError: naming the entry that is neither (``name`` and the atom index).
+    """
+    arr = np.asarray(species)
+    if arr.dtype.kind in "US" or arr.dtype == object:
+        from ase.data import atomic_numbers as by_symbol
+
+        flat = arr.reshape(-1)
+        out = np.zeros(flat.shape, dtype=np.int64)
+        for k, v in enumerate(flat):
+            if isinstance(v, bytes):
+                v = v.decode("ascii", "replace")
+            if isinstance(v, str):
+                v = str(v).strip()
+                z = int(v) if v.isdigit() else by_symbol.get(v, by_symbol.get(v.capitalize()))
+                if z is None or z < 1:
+                    raise ValueError(f"{name}: unknown element symbol {v!r} at atom {k}")
+                out[k] = z
+            elif isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_):
+                if not float(v).is_integer():
+                    raise ValueError(f"{name} must be integer atomic numbers; atom {k} has {v!r}")
+                out[k] = int(v)
+            else:
+                raise ValueError(
+                    f"{name}: atom {k} is {_describe(v)}, not an atomic number or symbol"
+                )
+        return out.reshape(arr.shape)
+    if arr.dtype.kind == "b":
+        raise ValueError(f"{name} must be atomic numbers or element symbols, got booleans")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be atomic numbers or element symbols, got {arr.dtype}")
+    return arr
 
 
 @jax.tree_util.register_pytree_node_class
@@ -51,16 +118,28 @@ class System:
 
     Args:
       positions: ``(N, 3)`` Cartesian positions in Å (may be traced).
-      species: ``(N,)`` atomic numbers (1 … 118).
+      species: ``(N,)`` atomic numbers (1 … 118) or element symbols (``["Na", "Cl"]``).
       cell: ``(3, 3)`` lattice vectors as rows in Å, or ``None`` for an open system.
+        Along an open axis (``pbc`` False) the vector may be zero, as ASE writes slabs
+        (``pbc=(True, True, False)`` with a zero third vector).
       pbc: periodic boundary flag, one bool or one per cell axis. Needs a cell if any is True.
-      total_charge: net charge of the structure in e.
+      total_charge: net charge of the structure in e. It need not be an integer: a
+        fractional total charge is physical for a subsystem (e.g. a Qeq fragment), and the
+        charge equilibration constrains the charges to sum to it exactly; for periodic
+        cells a net charge is compensated by a uniform background.
       min_distance: smallest allowed interatomic distance in Å (checked when concrete).
       validate: run the input checks (leave True unless the input is known to be good).
 
+    Every periodic lattice vector must be at least ``max(min_distance,``
+    :data:`celli_scale.cell.MIN_CELL_LENGTH` ``)`` long (else each atom overlaps its own
+    image) and every periodic plane spacing at least ``MIN_CELL_LENGTH``; the overlap check
+    is refused up front (``ValueError`` naming the memory) when its image search would be
+    too large (:func:`celli_scale.cell.check_search_size`).
+
     Raises:
       ValueError: naming the field (and atom) at fault for NaN/inf positions or cell,
-        mismatched lengths, unknown atomic numbers, singular cells with pbc, overlapping atoms.
+        mismatched lengths, unknown atomic numbers or symbols, non-numeric total charge,
+        singular or too-small cells with pbc, overlapping atoms.
 
     Example:
       >>> s = System([[0, 0, 0], [0, 0, 1.0]], [1, 1])
@@ -82,18 +161,29 @@ class System:
         validate: bool = True,
     ) -> None:
         pbc_t = _as_pbc(pbc)
-        positions = _float_array(positions)
+        positions = _float_array(positions, "positions")
+        min_distance = real_number(min_distance, "min_distance")
+        if not (np.isfinite(min_distance) and min_distance >= 0):
+            raise ValueError(f"min_distance must be finite and >= 0 Å, got {min_distance}")
         species_np = None
         if _is_concrete(species):
-            species_np = np.asarray(species)
+            species_np = atomic_numbers(species)
             if validate:
                 _check_species(species_np)
             species = jnp.asarray(np.rint(species_np).astype(np.int32))
         else:
             species = jnp.asarray(species)
         if cell is not None:
-            cell = _float_array(cell)
+            cell = _float_array(cell, "cell")
+        if total_charge is None or (
+            _is_concrete(total_charge) and not isinstance(total_charge, jax.Array)
+        ):
+            total_charge = real_number(total_charge, "total_charge")
         total_charge = jnp.asarray(total_charge, dtype=positions.dtype)
+        if total_charge.shape != ():
+            raise ValueError(
+                f"total_charge must be one number (e), got shape {tuple(total_charge.shape)}"
+            )
         object.__setattr__(self, "positions", positions)
         object.__setattr__(self, "species", species)
         object.__setattr__(self, "cell", cell)
@@ -153,12 +243,6 @@ class System:
             raise ValueError("volume: the system has no cell")
         return jnp.abs(jnp.linalg.det(self.cell))
 
-    def check_integer_charge(self, tol: float = 1e-6) -> None:
-        """Raise ``ValueError`` unless ``total_charge`` is an integer (within ``tol``)."""
-        q = float(self.total_charge)
-        if abs(q - round(q)) > tol:
-            raise ValueError(f"total_charge must be an integer number of e, got {q}")
-
     def __repr__(self) -> str:
         q = self.total_charge
         q = float(q) if _is_concrete(q) else q
@@ -184,7 +268,7 @@ class System:
                 if not np.all(np.isfinite(cell_np)):
                     raise ValueError("cell contains NaN or inf")
                 if self.periodic:
-                    _check_cell(cell_np, self.pbc)
+                    _check_cell(cell_np, self.pbc, min_distance)
         elif self.periodic:
             raise ValueError(f"pbc={self.pbc} needs a cell, but cell is None")
         if _is_concrete(self.total_charge) and not np.isfinite(float(self.total_charge)):
@@ -266,17 +350,42 @@ def _check_species(species: np.ndarray) -> None:
         raise ValueError(f"unknown atomic number {species[idx]} at atom {idx} (must be 1..{MAX_Z})")
 
 
-def _check_cell(cell: np.ndarray, pbc: tuple[bool, bool, bool]) -> None:
-    vol = abs(float(np.linalg.det(cell)))
+def _check_cell(cell: np.ndarray, pbc: tuple[bool, bool, bool], min_distance: float) -> None:
+    """Periodic lattice vectors long enough, the cell not flat (absolute and relative
+    tests). Zero vectors along open axes are allowed (ASE's slab/wire convention)."""
     norms = np.linalg.norm(cell, axis=1)
+    floor = cellmod.MIN_CELL_LENGTH
     for a in range(3):
-        if pbc[a] and norms[a] == 0:
+        if not pbc[a]:
+            continue
+        if norms[a] == 0:
             raise ValueError(f"singular cell: lattice vector {a} is zero but pbc[{a}] is True")
-    if vol <= 1e-10 * max(float(np.prod(norms)), 1e-300):
+        if norms[a] < floor:
+            raise ValueError(
+                f"cell lattice vector {a} is {norms[a]:.3g} Å long (pbc[{a}] is True); "
+                f"periodic lattice vectors must be at least {floor} Å"
+            )
+        if norms[a] < min_distance:
+            raise ValueError(
+                f"cell lattice vector {a} is {norms[a]:.4g} Å long, so every atom overlaps "
+                f"its own periodic image (minimum allowed distance {min_distance} Å)"
+            )
+    full = cellmod.complete_cell(cell, pbc)
+    vol = abs(float(np.linalg.det(full)))
+    full_norms = np.linalg.norm(full, axis=1)
+    if vol <= 1e-10 * max(float(np.prod(full_norms)), 1e-300):
         raise ValueError(
-            f"singular (degenerate) cell with pbc: volume {vol:.3g} Å³ for lattice vectors "
-            f"of lengths {np.round(norms, 4).tolist()} Å"
+            f"singular (degenerate) cell with pbc={pbc}: volume {vol:.3g} Å³ for lattice "
+            f"vectors of lengths {np.round(norms, 4).tolist()} Å (a vector along an open "
+            "axis may be zero, else all three must be independent)"
         )
+    h = cellmod.plane_heights(full)
+    for a in range(3):
+        if pbc[a] and h[a] < floor:
+            raise ValueError(
+                f"flat cell: the lattice planes along periodic axis {a} are {h[a]:.3g} Å "
+                f"apart (at least {floor} Å needed)"
+            )
 
 
 @jax.tree_util.register_pytree_node_class

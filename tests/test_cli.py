@@ -126,3 +126,62 @@ def test_demo_hands_parsed_options_to_demo_main(monkeypatch):
     monkeypatch.setattr(cli, "demo", module)  # cli imports celli_scale.demo directly
     assert main(["demo", "--n", "7"]) == 3
     assert seen["n"] == 7
+
+
+def _user_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_info_user_errors_one_line(tmp_path, capsys):
+    # before: IndexError traceback (empty .xyz), TypeError traceback (.npy named .npz),
+    # and numpy's advice to use allow_pickle (--format npz on a text file)
+    (tmp_path / "empty.xyz").write_text("")
+    assert "empty.xyz: no frames" in _user_error(capsys, ["info", str(tmp_path / "empty.xyz")])
+    np.save(tmp_path / "a.npy", np.arange(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    err = _user_error(capsys, ["info", str(tmp_path / "a.npz")])
+    assert "a.npz: a single .npy array" in err
+    (tmp_path / "notes.txt").write_text("hello\n")
+    err = _user_error(capsys, ["info", "--format", "npz", str(tmp_path / "notes.txt")])
+    assert "notes.txt: not an .npz data set" in err and "pickle" not in err
+    (tmp_path / "bad.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nXx 1 1 1\n")
+    err = _user_error(capsys, ["info", str(tmp_path / "bad.xyz")])
+    assert "bad.xyz line 4 (frame 0, atom 1): unknown element 'Xx'" in err
+    err = _user_error(capsys, ["info", str(tmp_path)])
+    assert "a directory" in err
+
+
+def test_info_lines_without_frames():
+    from celli_scale.cli import info_lines
+
+    assert info_lines([], "x.xyz", "extxyz") == ["file: x.xyz (format: extxyz)", "frames: 0"]
+
+
+def test_not_implemented_and_interrupt_are_reported_without_traceback(monkeypatch, capsys):
+    import celli_scale.cli as cli
+
+    def not_implemented(args):
+        raise NotImplementedError("electrostatics for partly periodic systems")
+
+    monkeypatch.setattr(cli, "_cmd_info", not_implemented)
+    err = _user_error(capsys, ["info", "x.xyz"])
+    assert err == "error: electrostatics for partly periodic systems"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert main(["info", "x.xyz"]) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"
+
+    def bug(args):
+        raise TypeError("a programming error keeps its traceback")
+
+    monkeypatch.setattr(cli, "_cmd_info", bug)
+    with pytest.raises(TypeError):
+        main(["info", "x.xyz"])

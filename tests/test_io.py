@@ -173,6 +173,84 @@ def test_extxyz_errors(tmp_path):
         io.read_extxyz(tmp_path / "missing.xyz")
 
 
+HEADER = 'Lattice="5 0 0 0 5 0 0 0 5" Properties=species:S:1:pos:R:3 pbc="T T T"'
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        # before: IndexError from ASE (the CLI printed a traceback)
+        ("", r"empty.xyz: no frames \(the file is empty\)"),
+        ("\n\n", r"empty.xyz: no frames"),
+        # before: "could not assign tuple of length 3 to structure with 4 fields."
+        (
+            f"2\n{HEADER}\nH 0 0 0\nH 1 1\n",
+            r"empty.xyz line 4 \(frame 0, atom 1\): 3 columns, but "
+            r"Properties=species:S:1:pos:R:3 needs 4",
+        ),
+        # before: "not a readable extxyz file: 'Xx'"
+        (f"2\n{HEADER}\nH 0 0 0\nXx 1 1 1\n", r"line 4 \(frame 0, atom 1\): unknown element 'Xx'"),
+        (
+            f"1\n{HEADER}\nH 0 0 0\n1\n{HEADER}\nQ 1 1 1\n",
+            r"line 6 \(frame 1, atom 0\): unknown element 'Q'",
+        ),
+        (f"3\n{HEADER}\nH 0 0 0\n", r"line 1: frame 0 announces 3 atoms but the file ends"),
+        ("2\n", r"line 1: frame 0 ends before its comment line"),
+        (f"1\n{HEADER}\nH 0 0 0\nabc\n", r"line 4: frame 1 should start with the number"),
+        ("0\n\n", r"line 1: frame 0 has 0 atoms"),
+        ("1\nProperties=species:S:1:pos:Q\nH 0 0 0\n", r"line 2: malformed Properties"),
+    ],
+)
+def test_extxyz_malformed_names_line_and_problem(tmp_path, text, pattern):
+    path = tmp_path / "empty.xyz"
+    path.write_text(text)
+    with pytest.raises(DataFormatError, match=pattern):
+        io.read(path)
+
+
+def test_extxyz_slab_with_zero_open_vector(tmp_path):
+    # ASE writes slabs with a zero vector along the open axis; before: "singular cell"
+    path = tmp_path / "slab.xyz"
+    path.write_text(
+        '2\nLattice="4 0 0 0 4 0 0 0 0" Properties=species:S:1:pos:R:3 pbc="T T F"\n'
+        "H 0 0 0\nH 2 2 1\n"
+    )
+    (f,) = io.read(path)
+    assert f.system.pbc == (True, True, False)
+    np.testing.assert_array_equal(np.asarray(f.system.cell)[2], [0.0, 0.0, 0.0])
+
+
+def test_extxyz_frame_index_out_of_range(tmp_path):
+    # before: "not a readable extxyz file: " (empty reason)
+    path = tmp_path / "one.xyz"
+    path.write_text(f"2\n{HEADER}\nH 0 0 0\nH 1 1 1\n")
+    with pytest.raises(DataFormatError, match=r"one.xyz: frame index 5 is out of range: the "):
+        io.read(path, index=5)
+    with pytest.raises(DataFormatError, match="out of range: the file has 1 frame$"):
+        io.read(path, index=-2)
+    with pytest.raises(DataFormatError, match=r"bad frame index.*step 0"):
+        io.read(path, index="3:1:0")
+    assert len(io.read(path, index=np.int64(0))) == 1
+    assert len(io.read(path, index="0:5")) == 1
+
+
+def test_frame_numbers_in_errors_follow_the_index(tmp_path):
+    path = tmp_path / "two.xyz"
+    path.write_text(f"2\n{HEADER}\nH 0 0 0\nH 1 1 1\n2\n{HEADER}\nH 0 0 0\nH 0 0 0.01\n")
+    with pytest.raises(DataFormatError, match=r"two.xyz frame 1: overlapping atoms"):
+        io.read(path, index=1)
+
+
+def test_index_out_of_range_for_every_format(tmp_path):
+    frames = _frames()[:2]
+    for name in ("set.npz", "input.data"):
+        io.write(tmp_path / name, frames)
+        with pytest.raises(DataFormatError, match=rf"{name}: frame index 2 is out of range"):
+            io.read(tmp_path / name, index=2)
+        with pytest.raises(DataFormatError, match=rf"{name}: bad frame index"):
+            io.read(tmp_path / name, index=1.5)
+
+
 # -- RuNNer / n2p2 input.data --------------------------------------------------------------
 UNITS_FILE = """\
 begin
@@ -394,12 +472,34 @@ def test_npz_never_unpickles(tmp_path):
     arrays = _npz_arrays(tmp_path)
     arrays["species"] = np.array([object()] * 4, dtype=object)
     np.savez(tmp_path / "obj.npz", **arrays)
-    with pytest.raises(DataFormatError, match=r"obj.npz: not a readable .npz.*pickle"):
+    with pytest.raises(DataFormatError, match=r"obj.npz: not a readable .npz.*pickle") as e:
         io.load_npz(tmp_path / "obj.npz")
+    assert "allow_pickle" not in str(e.value) and "'species'" in str(e.value)
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(DataFormatError, match="junk.npz"):
         io.load_npz(tmp_path / "junk.npz")
     assert zipfile.is_zipfile(tmp_path / "obj.npz")
+
+
+def test_npz_wrong_kinds_of_file(tmp_path):
+    # before: a .npy named .npz ended in a TypeError; a text file read as npz passed on
+    # numpy's advice to load it with allow_pickle
+    np.save(tmp_path / "a.npy", np.arange(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(DataFormatError, match="a.npz: a single .npy array, not an .npz"):
+        io.read(tmp_path / "a.npz")
+    (tmp_path / "notes.txt").write_text("hello\nworld\n")
+    with pytest.raises(DataFormatError, match="notes.txt: not an .npz data set") as e:
+        io.read(tmp_path / "notes.txt", format="npz")
+    assert "pickle" not in str(e.value)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataFormatError, match="empty.npz: not an .npz data set"):
+        io.read(tmp_path / "empty.npz")
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(DataFormatError, match="a directory, not a structure"):
+        io.read(tmp_path, format="extxyz")
 
 
 # -- dispatch -----------------------------------------------------------------------------

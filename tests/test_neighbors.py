@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -144,3 +146,83 @@ def test_bad_r_cut_and_traced_positions():
 
     with pytest.raises(ValueError, match="concrete"):
         jax.jit(f)(s.positions)
+
+
+@pytest.mark.parametrize("r_cut", [-1.0, 0.0, np.nan, np.inf, "5", True, None])
+def test_bad_r_cut_refused_by_every_builder(r_cut):
+    # before: neighbor_list_fn(r_cut=-1) built a list with 0 pairs
+    s = _random_system("ortho", 4, seed=1)
+    with pytest.raises(ValueError, match="r_cut"):
+        nb.neighbor_list_fn(r_cut, 10, s.cell, s.pbc)
+    with pytest.raises(ValueError, match="r_cut"):
+        nb.neighbor_list_fn(r_cut, 10)
+    with pytest.raises(ValueError, match="r_cut"):
+        nb.neighbor_list(s, r_cut)
+    with pytest.raises(ValueError, match="r_cut"):
+        nb.neighbor_list_batch(cs.Batch.from_systems([s]), r_cut)
+
+
+def test_bad_capacity_refused():
+    for cap in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="capacity"):
+            nb.neighbor_list_fn(3.0, cap)
+
+
+def test_numpy_scalar_r_cut_and_capacity():
+    s = _random_system("ortho", 6, seed=2)
+    ref = nb.neighbor_list(s, 3.0)
+    assert _nl_set(nb.neighbor_list(s, np.float32(3.0))) == _nl_set(ref)
+    build = nb.neighbor_list_fn(np.float64(3.0), np.int64(int(ref.n_pairs) + 2), s.cell, s.pbc)
+    assert _nl_set(build(s.positions)) == _nl_set(ref)
+
+
+def test_slab_with_zero_open_vector_equals_slab_with_vacuum():
+    # ASE's slab convention: pbc (T, T, F) and a zero third vector
+    rng = np.random.default_rng(5)
+    ab = np.array([[5.0, 0.0, 0.0], [1.0, 4.0, 0.0]])
+    frac = rng.uniform(0, 1, (10, 2))
+    pos = np.concatenate([frac @ ab[:, :2], rng.uniform(-2, 2, (10, 1))], axis=1)
+    flat = cs.System(
+        pos,
+        np.full(10, 8),
+        cell=np.vstack([ab, [0, 0, 0]]),
+        pbc=(True, True, False),
+        min_distance=0.0,
+    )
+    vac = cs.System(
+        pos,
+        np.full(10, 8),
+        cell=np.vstack([ab, [0, 0, 30.0]]),
+        pbc=(True, True, False),
+        min_distance=0.0,
+    )
+    for r_cut in (2.5, 7.0):
+        ref = nb.neighbor_list(vac, r_cut)
+        nl = nb.neighbor_list(flat, r_cut)
+        assert int(nl.n_pairs) == int(ref.n_pairs) > 0
+        assert _nl_set(nl) == _nl_set(ref) == _ase_set(vac, r_cut)
+        build = nb.neighbor_list_fn(r_cut, int(ref.n_pairs) + 5, flat.cell, flat.pbc)
+        assert _nl_set(build(flat.positions)) == _nl_set(ref)
+
+
+def test_too_large_search_refused_up_front():
+    # planes 2e-3 Å apart (long vectors, so the System accepts the cell without checks):
+    # a 5 Å search needs ~1e10 images; before, this ran into a MemoryError
+    cell = np.array([[5.0, 0, 0], [0, 5.0, 0], [5.0, 5.0, 0.002]])
+    s = cs.System([[0.0, 0, 0], [2.5, 2.5, 0.001]], [1, 1], cell=cell, pbc=True, validate=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="images"):
+        nb.neighbor_list(s, 5.0)
+    with pytest.raises(ValueError, match="images"):
+        nb.neighbor_list_fn(5.0, 100, cell, True)
+    # many atoms with a huge cut-off in a real cell: refused naming the memory
+    big = _random_system("ortho", 2000, seed=0)
+    with pytest.raises(ValueError, match=r"GiB"):
+        nb.neighbor_list(big, 60.0)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_dense_jit_builder_refuses_huge_searches():
+    build = nb.neighbor_list_fn(3.0, 10)
+    with pytest.raises(ValueError, match="GiB"):
+        jax.eval_shape(build, jax.ShapeDtypeStruct((200_000, 3), np.float64))

@@ -261,3 +261,13 @@ def test_cli_exits_nonzero_when_points_fail(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(study, "run_study", lambda cfg, out: [bad])
     assert main(["scale", str(cfg), "--out", str(tmp_path / "o")]) == 1
     assert "boom" in capsys.readouterr().err
+
+
+def test_study_yaml_refuses_aliases_and_reads_exponent_numbers(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x", "x"]\nb: &b [*a, *a]\nmodels: [allegro]\nsizes: [2]\n')
+    with pytest.raises(ValueError, match="bomb.yaml.*anchor"):
+        config.load_config(bomb)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("models: [allegro]\nsizes: [2]\ntimeout_s: 1e3\n")  # PyYAML: a string
+    assert config.load_config(ok).timeout_s == 1000.0

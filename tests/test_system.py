@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,20 @@ def test_singular_cell_with_pbc(cell):
 def test_singular_cell_allowed_without_pbc():
     s = cs.System(TWO_ATOMS, [1, 1], cell=np.zeros((3, 3)), pbc=False)
     assert s.n_atoms == 2 and not s.periodic
+
+
+@pytest.mark.parametrize("pbc", ["TTF", "abc", [1, 0, 2], [True, False], [[True] * 3]])
+def test_bad_pbc_names_field(pbc):
+    # before: any non-empty string (also "TTF") read as periodic along all axes
+    with pytest.raises(ValueError, match="pbc must be a bool or 3 bools"):
+        cs.System(TWO_ATOMS, [1, 1], cell=np.eye(3) * 5.0, pbc=pbc)
+
+
+def test_pbc_accepts_bools_numpy_bools_and_0_1():
+    cell = np.eye(3) * 5.0
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=[1, 0, 1]).pbc == (True, False, True)
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=np.bool_(True)).pbc == (True,) * 3
+    assert cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=np.array([0, 0, 1])).pbc[2]
 
 
 def test_pbc_without_cell():
@@ -127,12 +143,116 @@ def test_length_mismatch():
         cs.System(np.zeros((2, 2)), [1, 1])
 
 
-def test_check_integer_charge():
-    s = cs.System(TWO_ATOMS, [1, 1], total_charge=0.5)
-    with pytest.raises(ValueError, match="integer.*0.5"):
-        s.check_integer_charge()
-    cs.System(TWO_ATOMS, [1, 1], total_charge=-2.0).check_integer_charge()
-    cs.System(TWO_ATOMS, [1, 1], total_charge=1.0 + 1e-9).check_integer_charge()
+def test_fractional_total_charge_is_allowed_and_kept():
+    # Decision (System docstring): a non-integer total charge is physical for a subsystem;
+    # it is accepted, kept exactly and is the constraint of the charge equilibration.
+    s = cs.System(TWO_ATOMS * 2.0, [11, 17], total_charge=0.5)
+    assert float(s.total_charge) == 0.5
+    assert not hasattr(s, "check_integer_charge")
+    r = cs.qeq.solve(s, np.array([-1.0, 1.0]), np.array([8.0, 8.0]), np.array([1.0, 1.0]))
+    np.testing.assert_allclose(float(np.sum(r.charges)), 0.5, atol=1e-10)
+    assert s.to_ase().info["charge"] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["abc", None, True, [1.0, 2.0], {"q": 1}])
+def test_non_numeric_total_charge_names_field(bad):
+    with pytest.raises(ValueError, match="total_charge"):
+        cs.System(TWO_ATOMS, [1, 1], total_charge=bad)
+
+
+def test_numpy_scalars_accepted_where_floats_are():
+    s = cs.System(
+        TWO_ATOMS,
+        np.array([1, 8], dtype=np.int16),
+        cell=np.eye(3, dtype=np.float32) * np.float32(5.0),
+        pbc=np.array([True, True, True]),
+        total_charge=np.float32(-1.0),
+        min_distance=np.float32(0.5),
+    )
+    assert float(s.total_charge) == -1.0
+    assert cs.System(TWO_ATOMS, [1, 1], total_charge=np.int64(2)).total_charge == 2.0
+    with pytest.raises(ValueError, match="overlapping"):
+        cs.System(TWO_ATOMS, [1, 1], min_distance=np.float64(1.5))
+    with pytest.raises(ValueError, match="min_distance"):
+        cs.System(TWO_ATOMS, [1, 1], min_distance="0.1")
+
+
+def test_element_symbols_accepted_as_species():
+    s = cs.System(TWO_ATOMS * 3.0, ["Na", "Cl"])
+    np.testing.assert_array_equal(np.asarray(s.species), [11, 17])
+    s = cs.System(TWO_ATOMS * 3.0, np.array(["O", "H"]))
+    np.testing.assert_array_equal(np.asarray(s.species), [8, 1])
+    s = cs.System(TWO_ATOMS * 3.0, ["C", 8])  # mixed
+    np.testing.assert_array_equal(np.asarray(s.species), [6, 8])
+
+
+@pytest.mark.parametrize(
+    "species, pattern",
+    [(["Na", "Xx"], r"unknown element symbol 'Xx' at atom 1"), ([1, None], r"atom 1")],
+)
+def test_bad_symbols_name_atom(species, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cs.System(TWO_ATOMS * 3.0, species)
+
+
+def test_non_numeric_positions_and_cell_name_field():
+    with pytest.raises(ValueError, match="positions must be real numbers"):
+        cs.System([["a", "b", "c"]], [1])
+    with pytest.raises(ValueError, match="cell must be real numbers"):
+        cs.System(TWO_ATOMS, [1, 1], cell=[["x"] * 3] * 3, pbc=True)
+
+
+@pytest.mark.parametrize(
+    "cell, pattern",
+    [
+        (np.diag([5.0, 5.0, 1e-8]), r"lattice vector 2 is 1e-08 Å.*at least 0.001"),
+        (np.diag([5.0, 5.0, 0.05]), r"lattice vector 2 is 0.05 Å.*own periodic image"),
+        # long vectors, but lattice planes 1e-5 Å apart
+        ([[5.0, 0, 0], [0, 5.0, 0], [5.0, 5.0, 1e-5]], r"flat cell.*periodic axis"),
+    ],
+)
+def test_tiny_or_flat_cell_refused_fast(cell, pattern):
+    # before: 1e-8 Å passed the relative singular check and the overlap search then ran
+    # out of memory; a flat cell took most of a minute before its overlap error
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=pattern):
+        cs.System(TWO_ATOMS, [1, 1], cell=cell, pbc=True)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_slab_with_zero_open_vector_ase_convention():
+    import ase
+
+    pos = np.array([[0.0, 0.0, 0.0], [1.5, 1.5, 1.2], [0.0, 2.0, -0.9]])
+    slab = cs.System(pos, [1, 8, 1], cell=np.diag([4.0, 4.0, 0.0]), pbc=(True, True, False))
+    assert slab.pbc == (True, True, False)
+    atoms = ase.Atoms("HOH", positions=pos, cell=[4.0, 4.0, 0.0], pbc=(True, True, False))
+    s = cs.System.from_ase(atoms)
+    assert s.pbc == (True, True, False)
+    np.testing.assert_array_equal(np.asarray(s.cell), np.diag([4.0, 4.0, 0.0]))
+    assert s.to_ase().cell.array[2].tolist() == [0.0, 0.0, 0.0]
+    # overlap across the periodic boundary of the slab is still found
+    with pytest.raises(ValueError, match="overlapping"):
+        cs.System(
+            [[0.0, 0.0, 0.0], [3.95, 0.0, 0.0]],
+            [1, 1],
+            cell=np.diag([4.0, 4.0, 0.0]),
+            pbc=(True, True, False),
+        )
+    # electrostatics of partly periodic systems: a clear refusal, as for slabs with vacuum
+    with pytest.raises(NotImplementedError, match="partly periodic"):
+        cs.electrostatics.prepare(slab)
+    # a zero vector along a periodic axis, or a non-zero open vector in the periodic
+    # plane, stays singular
+    with pytest.raises(ValueError, match="singular"):
+        cs.System(pos, [1, 8, 1], cell=np.diag([4.0, 0.0, 5.0]), pbc=(True, True, False))
+    with pytest.raises(ValueError, match="singular"):
+        cs.System(
+            pos,
+            [1, 8, 1],
+            cell=[[4.0, 0, 0], [0, 4.0, 0], [4.0, 4.0, 0]],
+            pbc=(True, True, False),
+        )
 
 
 def test_non_finite_total_charge():

@@ -7,10 +7,14 @@ Each model module subclasses :class:`ModelConfig` with its own extra fields.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,19 @@ class ModelConfig:
     energy_shift: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.r_cut <= 0:
-            raise ValueError(f"config r_cut must be positive, got {self.r_cut}")
+        # Strict types from the annotations, for this class and every subclass's fields:
+        # int fields take Python/numpy integers (not bools, not 2.0); float fields take any
+        # real number (numpy too) but not bools or strings, and must be finite; tuple
+        # fields take lists or tuples. Values are normalised to plain Python types, so a
+        # config always serialises to JSON.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "species" and value is not None:
+                value = _species_numbers(value)
+            object.__setattr__(self, f.name, _coerce(f.name, value, hints.get(f.name, Any)))
+        if not self.r_cut > 0:
+            raise ValueError(f"config r_cut must be positive (Å), got {self.r_cut}")
         for key in ("l_max", "channels", "n_layers", "n_radial"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < (0 if key == "l_max" else 1):
@@ -94,6 +109,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping of field names to values (types checked strictly, see
+        ``__post_init__``); ``ValueError`` names an unknown key or a badly typed field."""
+        if not isinstance(d, dict):
+            raise ValueError(
+                f"model config must be a dict of keys and values, got {type(d).__name__}"
+            )
+        bad_keys = [k for k in d if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"model config keys must be strings, got {bad_keys[:5]}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -103,3 +127,87 @@ class ModelConfig:
             )
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kwargs)
+
+
+def _species_numbers(value: Any) -> Any:
+    """Element symbols in a species list become atomic numbers; other entries are left
+    for the type check."""
+    if isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
+        from celli_scale.system import atomic_numbers
+
+        return tuple(int(z) for z in atomic_numbers(list(value), "config species"))
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "value"
+        return f"a list of {inner}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` and normalised to Python types;
+    ``ValueError`` naming the field ``name`` otherwise."""
+
+    def fail() -> typing.NoReturn:
+        raise ValueError(
+            f"config {name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except ValueError:
+                continue
+        fail()
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            fail()
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{name}[{k}]", v, args[0]) for k, v in enumerate(value))
+        if len(args) != len(value):
+            fail()
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{name}[{k}]", v, a) for k, (v, a) in pairs)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if tp is bool:
+        if isinstance(value, bool | np.bool_):
+            return bool(value)
+        fail()
+    if tp is int:
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+            fail()
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+            fail()
+        if not np.isfinite(float(value)):
+            raise ValueError(f"config {name} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return str(value)
+    return value

@@ -1,5 +1,5 @@
 """Configuration of a scaling study: :class:`StudyConfig`, read from YAML by
-:func:`load_config` (``yaml.safe_load``; errors name the file and the key).
+:func:`load_config` (safe YAML without aliases; errors name the file and the key).
 
 YAML form (every key optional but ``models`` and ``sizes``)::
 
@@ -268,14 +268,12 @@ def point_memory_floor(n: int, spacing: float, config: Any, batch: int = 1) -> f
 
 
 def load_config(path: str | os.PathLike) -> StudyConfig:
-    """Read a YAML study config (``yaml.safe_load``); errors name the file and key."""
-    import yaml
+    """Read a YAML study config (:func:`celli_scale.config_io.load_yaml`: no aliases,
+    ``1e3`` is a number); errors name the file and the key."""
+    from celli_scale.config_io import load_yaml
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: malformed YAML ({e})") from None
+    data = load_yaml(path)
     try:
         return StudyConfig.from_dict(data)
     except ValueError as e:
