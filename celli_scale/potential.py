@@ -315,12 +315,12 @@ class Potential:
 
     def _single(self, system: System, n_pad: int | None = None) -> PotentialOutput:
         graph = self.graph(system, n_atoms=n_pad)
-        return self._output(*self.evaluate(self.params, graph, stress=system.periodic))
+        return self._output(*self.evaluate(self.params, graph, stress=_has_volume(system)))
 
     def _call_batch(self, batch: Batch) -> PotentialOutput:
         systems = list(batch)
         n_pad = batch.n_atoms_padded
-        periodic = [s.periodic for s in systems]
+        periodic = [_has_volume(s) for s in systems]
         if self.is_charge_model or (any(periodic) and not all(periodic)):
             # Electrostatics parameters differ in shape between cells (k-vectors), and
             # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
@@ -482,6 +482,14 @@ def _verify_manifest(path: Path) -> None:
                 f"{path / name}: changed since the potential was saved (sha256 differs "
                 f"from {MANIFEST_FILE})"
             )
+
+
+def _has_volume(system: System) -> bool:
+    """Stress ``(1/V) ∂E/∂ε`` needs a periodic cell with a volume: a slab written with
+    ASE's zero vector along its open axis has none (its stress is None, not ±inf)."""
+    if not system.periodic:
+        return False
+    return bool(abs(np.linalg.det(np.asarray(system.cell, dtype=float))) > 0.0)
 
 
 def _dummy_system(config: ModelConfig) -> System:

@@ -408,3 +408,18 @@ def test_batch_errors_and_pytree():
     np.testing.assert_array_equal(np.asarray(shifted.positions), np.asarray(b.positions))
     total = jax.jit(lambda b: jnp.sum(jnp.where(b.mask, b.species, 0)))(b)
     assert int(total) == 8 + 1 + 1 + (1 + 6 + 7 + 8 + 9) + 3
+
+
+def test_slab_with_zero_open_vector_has_no_stress_but_right_energy():
+    # before: stress (1/V) dE/de divided by |det(cell)| = 0 and came back as -inf
+    pos = np.array([[0.0, 0.0, 0.0], [1.5, 1.5, 1.2], [0.0, 2.0, -0.9]])
+    flat = cs.System(pos, [1, 8, 1], cell=np.diag([4.0, 4.0, 0.0]), pbc=(True, True, False))
+    vac = cs.System(pos, [1, 8, 1], cell=np.diag([4.0, 4.0, 30.0]), pbc=(True, True, False))
+    pot = cs.Potential.from_config(
+        {"name": "allegro", "r_cut": 3.0, "channels": 2, "n_radial": 4, "radial_mlp": [4]},
+        example=vac,
+    )
+    a, b = pot(flat), pot(vac)
+    assert a.stress is None and b.stress is not None and np.all(np.isfinite(b.stress))
+    np.testing.assert_allclose(float(a.energy), float(b.energy), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(a.forces), np.asarray(b.forces), atol=1e-12)
