@@ -219,6 +219,8 @@ def _check_charges(charges: Any, n: int) -> None:
 def _system_state(system, charges, sigma, method, accuracy, params, neighbors):
     """Checks, cached parameters and the cached real-space list for a System-level call."""
     _check_charges(charges, system.n_atoms)
+    sigma_now = cache.primal(sigma)
+    validate_sigma(sigma if sigma_now is None else sigma_now, system.n_atoms)
     cell_np = cache.primal(system.cell) if system.periodic else None
     if params is None:
         if system.periodic and cell_np is None:

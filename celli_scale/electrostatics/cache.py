@@ -104,7 +104,8 @@ def params(system, method: str, accuracy: float, sigma: Any, cell: np.ndarray | 
     probe = system
     if cell is not None and isinstance(system.cell, jax.core.Tracer):
         probe = system.replace(cell=cell, min_distance=0.0)
-    p = prepare(probe, method, accuracy, sig if sig is None else np.asarray(sig, dtype=float))
+    with jax.ensure_compile_time_eval():  # concrete arrays even when called inside jit
+        p = prepare(probe, method, accuracy, sig if sig is None else np.asarray(sig, dtype=float))
     with _lock:
         _stats["params_prepared"] += 1
         _put(_params, key, p)
@@ -154,11 +155,12 @@ class _VerletList:
 
     def device(self) -> NeighborList:
         if self._device is None:
-            self._device = NeighborList(
-                **{k: jnp.asarray(v) for k, v in self.host.items()},
-                n_pairs=jnp.asarray(self.n_pairs, dtype=jnp.int32),
-                r_cut=self.r_list,
-            )
+            with jax.ensure_compile_time_eval():  # concrete even when called while tracing
+                self._device = NeighborList(
+                    **{k: jnp.asarray(v) for k, v in self.host.items()},
+                    n_pairs=jnp.asarray(self.n_pairs, dtype=jnp.int32),
+                    r_cut=self.r_list,
+                )
         return self._device
 
     def padded(self, capacity: int) -> tuple[np.ndarray, ...]:
