@@ -178,7 +178,7 @@ def check_sigma_max(sigma_max: float, cell: Any, pbc: Any = True, *, what: str =
         raise ValueError(
             f"{what}={float(sigma_max):.4g} Å is broader than the cell (smallest width between "
             f"opposite faces {h:.4g} Å): a Gaussian wider than the cell overlaps its own "
-            f"periodic images and its real-space sum would need a cut-off of about "
+            f"periodic images and its real-space sum would need a cut-off of about 7 σ = "
             f"{7 * float(sigma_max):.4g} Å; use widths <= {MAX_SIGMA_CELL_RATIO * h:.4g} Å "
             "or a larger (super)cell"
         )
@@ -463,7 +463,7 @@ def prepare(
     sigma_max = 0.0 if sigma is None or not _is_concrete(sigma) else float(np.max(sigma))
     if sigma_max > 0:
         wide = int(np.argmax(np.broadcast_to(np.asarray(sigma, dtype=float), (n_atoms,))))
-        check_sigma_max(sigma_max, cell, pbc, what=f"sigma of atom {wide}")
+        check_sigma_max(sigma_max, cell, pbc, what=f"sigma[{wide}]")
     alpha, s, r_cut, k_cut, extra = _choose(method, cell, n_atoms, eps, sigma_max, order)
     est = estimate_resources(method, n_atoms, cell, r_cut, k_cut, extra.get("grid", ()), order)
     check_resources(est, max_bytes, f" ({method}, {n_atoms} atoms, accuracy {eps:g})")
