@@ -604,7 +604,7 @@ def test_sigma_broader_than_cell_is_refused():
     s, q, _ = random_system(16, 22)
     with pytest.raises(ValueError, match=r"sigma.*=50 Å is broader than the cell"):
         el.energy(s, q, sigma=50.0, method="ewald")
-    h = el.params.min_cell_width(np.asarray(s.cell))
+    h = el.limits.min_cell_width(np.asarray(s.cell))
     el.check_sigma_max(h, s.cell)  # the bound itself is allowed
     with pytest.raises(ValueError, match="elec_sigma_max=.* broader than the cell"):
         el.check_sigma_max(1.01 * h, s.cell, what="elec_sigma_max")
@@ -624,13 +624,13 @@ def test_memory_estimate_refuses_before_allocating():
     est = el.estimate_resources("pme", s.n_atoms, s.cell, pp.r_cut, grid=pp.grid, order=pp.order)
     assert est.grid_points == np.prod(pp.grid)
     # the dense in-jit real-space sum (traced positions, no list) is refused at trace time
-    old = el.params.MEMORY_FRACTION
+    old = el.limits.MEMORY_FRACTION
     try:
-        el.params.MEMORY_FRACTION = 1e-9
+        el.limits.MEMORY_FRACTION = 1e-9
         with pytest.raises(ValueError, match="dense in-jit real-space sum"):
             jax.jit(lambda x: el.energy_arrays(x, s.cell, q, None, p))(s.positions)
     finally:
-        el.params.MEMORY_FRACTION = old
+        el.limits.MEMORY_FRACTION = old
 
 
 @pytest.mark.parametrize("method", ["direct", "ewald"])

@@ -19,7 +19,7 @@ Ewald below :data:`AUTO_PME_MIN_ATOMS` atoms, PME from it on. Partly periodic sy
 ``NotImplementedError``.
 """
 
-from celli_scale.electrostatics import cache
+from celli_scale.electrostatics import cache, limits
 from celli_scale.electrostatics.api import (
     energy,
     energy_and_forces,
@@ -28,16 +28,18 @@ from celli_scale.electrostatics.api import (
     potential_arrays,
     real_space_neighbors,
 )
-from celli_scale.electrostatics.params import (
-    AUTO_PME_MIN_ATOMS,
-    DEFAULT_PME_ORDER,
+from celli_scale.electrostatics.limits import (
     MAX_SIGMA_CELL_RATIO,
-    METHODS,
-    ElectrostaticsParams,
     ResourceEstimate,
     check_resources,
     check_sigma_max,
     estimate_resources,
+)
+from celli_scale.electrostatics.params import (
+    AUTO_PME_MIN_ATOMS,
+    DEFAULT_PME_ORDER,
+    METHODS,
+    ElectrostaticsParams,
     prepare,
 )
 
@@ -49,6 +51,7 @@ __all__ = [
     "ElectrostaticsParams",
     "ResourceEstimate",
     "cache",
+    "limits",
     "check_resources",
     "check_sigma_max",
     "energy",

@@ -16,12 +16,8 @@ import numpy as np
 
 from celli_scale import cell as cellmod
 from celli_scale.electrostatics import cache, direct, ewald, pme
-from celli_scale.electrostatics.params import (
-    ElectrostaticsParams,
-    check_real,
-    memory_limit,
-    validate_sigma,
-)
+from celli_scale.electrostatics.limits import check_real, memory_limit
+from celli_scale.electrostatics.params import ElectrostaticsParams, validate_sigma
 from celli_scale.neighbors import NeighborList, neighbor_list
 
 # peak bytes per (atom, atom, image) element of the dense in-jit real-space sum with

@@ -42,6 +42,7 @@ HEADROOM = 1.1
 #: Entries kept per cache (least recently used dropped first).
 MAX_ENTRIES = 4
 
+_FIELDS = ("senders", "receivers", "shifts", "mask")
 _lock = threading.RLock()
 _params: OrderedDict = OrderedDict()
 _lists: OrderedDict = OrderedDict()
@@ -113,7 +114,8 @@ def params(system, method: str, accuracy: float, sigma: Any, cell: np.ndarray | 
 
 
 class _VerletList:
-    """A host neighbor list with a skin, its build positions and its device copy."""
+    """A neighbor list with a skin and its build positions; host arrays after a build,
+    device arrays once the host path used it."""
 
     def __init__(self, cell: np.ndarray, r_cut: float, dtype) -> None:
         self.cell = cell
@@ -154,6 +156,7 @@ class _VerletList:
         _stats["lists_built"] += 1
 
     def device(self) -> NeighborList:
+        """The list as device arrays (the host copy is dropped: one copy in memory)."""
         if self._device is None:
             with jax.ensure_compile_time_eval():  # concrete even when called while tracing
                 self._device = NeighborList(
@@ -161,7 +164,13 @@ class _VerletList:
                     n_pairs=jnp.asarray(self.n_pairs, dtype=jnp.int32),
                     r_cut=self.r_list,
                 )
+            self.host = {}
         return self._device
+
+    def _host_arrays(self) -> dict[str, np.ndarray]:
+        if self.host:
+            return self.host
+        return {k: np.asarray(getattr(self._device, k)) for k in _FIELDS}
 
     def padded(self, capacity: int) -> tuple[np.ndarray, ...]:
         """Host arrays at ``capacity`` slots (the callback's fixed shape)."""
@@ -172,8 +181,9 @@ class _VerletList:
                 "call it once with concrete positions first (sizes the list) or pass neighbors="
             )
         out = []
-        for k in ("senders", "receivers", "shifts", "mask"):
-            a = self.host[k]
+        host = self._host_arrays()
+        for k in _FIELDS:
+            a = host[k]
             if a.shape[0] >= capacity:
                 out.append(a[:capacity])
             else:

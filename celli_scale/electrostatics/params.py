@@ -24,20 +24,16 @@ interpolation error, estimated from the first alias of the dominant wave vectors
 lattice vector, order p; checked against Ewald in the tests), is kept below ε/√2 too,
 and the grid also resolves ``k_cut`` (Nyquist).
 
-Limits (checked here, before anything large is allocated)
-----------------------------------------------------------
-Gaussian widths may not exceed the cell's smallest width (:func:`check_sigma_max`), and
-the memory an energy-and-forces evaluation would need — real-space pairs, periodic
-ghost copies, k-vectors, PME grid — is estimated (:func:`estimate_resources`) and refused
-above ``max_bytes`` (default: :data:`MEMORY_FRACTION` of the machine's memory) with a
-``ValueError`` that names the dominant term and the memory it would need.
+Limits (checked before anything large is allocated)
+----------------------------------------------------
+Gaussian widths broader than the cell and evaluations that would not fit in memory are
+refused by :func:`prepare` with a ``ValueError``; see :mod:`celli_scale.electrostatics.limits`
+(re-exported here: :func:`check_sigma_max`, :func:`estimate_resources`, ...).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -46,6 +42,16 @@ import numpy as np
 from flax import struct
 
 from celli_scale import cell as cellmod
+from celli_scale.electrostatics.limits import (  # noqa: F401  (re-exported)
+    MAX_SIGMA_CELL_RATIO,
+    ResourceEstimate,
+    check_real,
+    check_resources,
+    check_sigma_max,
+    estimate_resources,
+    memory_limit,
+    min_cell_width,
+)
 
 METHODS = ("auto", "direct", "ewald", "pme")
 #: ``method="auto"`` on a periodic system uses Ewald below this many atoms, PME from it on.
@@ -58,12 +64,6 @@ DEFAULT_PME_ORDER = 6
 #: Relative margin on cut-offs for the image sets chosen on the host, so that an
 #: infinitesimal (or small) strain of the cell keeps every pair within r_cut covered.
 CELL_MARGIN = 0.05
-
-#: Gaussian widths may be at most this multiple of the cell's smallest width (distance
-#: between opposite faces); see :func:`check_sigma_max`.
-MAX_SIGMA_CELL_RATIO = 1.0
-#: Share of the machine's physical memory one evaluation may need by default.
-MEMORY_FRACTION = 0.5
 
 # cost-model weights (relative time per unit of work on CPU, measured roughly with
 # bench/bench_electrostatics.py): real-space pair, Ewald (atom, k) term, PME spline
@@ -136,152 +136,6 @@ def validate_sigma(sigma: Any, n_atoms: int, mask: Any = None) -> None:
         raise ValueError(
             f"sigma must be finite and > 0 (Gaussian width in Å); atom {i} has sigma={s[i]}"
         )
-
-
-def check_real(name: str, x: Any) -> None:
-    """Refuse complex (or other non-real) dtypes: they would silently lose a part."""
-    dtype = getattr(x, "dtype", None)
-    dtype = np.asarray(x).dtype if dtype is None else np.dtype(dtype)
-    if dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be real numbers, got dtype {dtype}")
-
-
-def min_cell_width(cell: Any, pbc: Any = True) -> float:
-    """Smallest distance (Å) between opposite faces of ``cell`` over its periodic axes."""
-    h = cellmod.plane_heights(np.asarray(cell, dtype=float))
-    periodic = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
-    return float(np.min(h[periodic])) if periodic.any() else math.inf
-
-
-def check_sigma_max(sigma_max: float, cell: Any, pbc: Any = True, *, what: str = "sigma") -> None:
-    """Refuse Gaussian widths broader than the periodic cell (host side).
-
-    A Gaussian wider than the cell's smallest width ``h`` (distance between opposite
-    faces) overlaps its own periodic images: it is no longer a local charge, and the
-    real-space sum would need a cut-off of ``2 s σ`` (≈ 7 σ at accuracy 1e-6), that is
-    ~(7 σ / h)³ cells of images per atom, memory growing as σ³. Widths up to
-    :data:`MAX_SIGMA_CELL_RATIO` × ``h`` are accepted. Models that learn σ below a cap
-    (CELLI's ``elec_sigma_max``) call this with the cap when the cell is known;
-    :func:`prepare` calls it for the widths it is given.
-
-    Args:
-      sigma_max: largest Gaussian width in Å.
-      cell: ``(3, 3)`` lattice vectors as rows, Å.
-      pbc: periodic flags (one or three bools); no bound for an open system.
-      what: the name used in the message (e.g. ``"elec_sigma_max"``).
-
-    Raises:
-      ValueError: naming the width, the cell width and the cut-off it would need.
-    """
-    h = min_cell_width(cell, pbc)
-    if float(sigma_max) > MAX_SIGMA_CELL_RATIO * h:
-        raise ValueError(
-            f"{what}={float(sigma_max):.4g} Å is broader than the cell (smallest width between "
-            f"opposite faces {h:.4g} Å): a Gaussian wider than the cell overlaps its own "
-            f"periodic images and its real-space sum would need a cut-off of about 7 σ = "
-            f"{7 * float(sigma_max):.4g} Å; use widths <= {MAX_SIGMA_CELL_RATIO * h:.4g} Å "
-            "or a larger (super)cell"
-        )
-
-
-def memory_limit() -> int:
-    """Default ``max_bytes``: :data:`MEMORY_FRACTION` of the machine's physical memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX: assume 16 GiB
-        total = 16 << 30
-    return int(MEMORY_FRACTION * total)
-
-
-# Peak bytes per item of a host neighbor-list build plus one jitted energy-and-forces
-# evaluation (float64), rounded up from the arrays each item touches.
-_BYTES_PER_PAIR = 200  # host search (i, j, shift, distance, sort) and device pair arrays
-_BYTES_PER_GHOST = 100  # periodic image copy in the host search
-_BYTES_PER_KCANDIDATE = 100  # integer-vector candidate in the k-vector search
-_BYTES_PER_KVECTOR = 100
-_BYTES_PER_ATOM_K = 48  # one (atom, k) element of the reciprocal block, with gradients
-_BYTES_PER_GRID_POINT = 100  # PME charge grid, FFTs, influence function, gradients
-_BYTES_PER_STENCIL = 48  # PME (atom, spline point): index, weight, gradients
-
-
-@dataclass(frozen=True)
-class ResourceEstimate:
-    """Sizes of one evaluation, estimated before anything is allocated.
-
-    Attributes:
-      pairs: directed real-space pairs within the cut-off (uniform density estimate).
-      ghosts: periodic image copies searched on the host.
-      kvectors: Ewald half-space k-vectors (0 for PME/direct).
-      grid_points: PME FFT grid points (0 otherwise).
-      parts: ``{description: bytes}`` of each term.
-    """
-
-    pairs: int
-    ghosts: int
-    kvectors: int
-    grid_points: int
-    parts: dict
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(self.parts.values()))
-
-
-def estimate_resources(
-    method: str,
-    n_atoms: int,
-    cell: Any,
-    r_cut: float,
-    k_cut: float = 0.0,
-    grid: tuple = (),
-    order: int = 0,
-) -> ResourceEstimate:
-    """Estimate pair, ghost, k-vector and grid counts and the memory they need (host)."""
-    if method not in ("ewald", "pme"):
-        return ResourceEstimate(0, 0, 0, 0, {})
-    cell = np.asarray(cell, dtype=float)
-    vol = abs(float(np.linalg.det(cell)))
-    r = r_cut * (1 + 2 * CELL_MARGIN)  # neighbor lists carry a skin
-    pairs = int(n_atoms * (n_atoms / vol) * (4.0 / 3.0) * math.pi * r**3)
-    h = cellmod.plane_heights(cell)
-    ghosts = int(n_atoms * np.prod(1.0 + 2.0 * r / h))
-    parts = {
-        f"{pairs:.3g} real-space pairs within r_cut={r_cut:.4g} Å": pairs * _BYTES_PER_PAIR,
-        f"{ghosts:.3g} periodic image copies": ghosts * _BYTES_PER_GHOST,
-    }
-    kvectors = points = 0
-    if method == "ewald":
-        k = k_cut * (1 + CELL_MARGIN)
-        nmax = np.floor(k * np.linalg.norm(cell, axis=1) / (2 * np.pi))
-        candidates = int(np.prod(2 * nmax + 1))
-        kvectors = int((4.0 / 3.0) * math.pi * k**3 * vol / (2 * math.pi) ** 3 / 2)
-        block = min(n_atoms * kvectors, 1 << 23)
-        parts[f"{kvectors:.3g} k-vectors (k_cut={k_cut:.4g} 1/Å)"] = (
-            candidates * _BYTES_PER_KCANDIDATE
-            + kvectors * _BYTES_PER_KVECTOR
-            + block * _BYTES_PER_ATOM_K
-        )
-    elif method == "pme":
-        points = int(np.prod(grid))
-        parts[f"PME grid {tuple(int(g) for g in grid)}"] = (
-            points * _BYTES_PER_GRID_POINT + n_atoms * order**3 * _BYTES_PER_STENCIL
-        )
-    return ResourceEstimate(pairs, ghosts, kvectors, points, parts)
-
-
-def check_resources(est: ResourceEstimate, max_bytes: int | None = None, what: str = "") -> None:
-    """Raise ``ValueError`` if ``est`` needs more than ``max_bytes`` (default
-    :func:`memory_limit`), naming the dominant term and the memory it would need."""
-    limit = memory_limit() if max_bytes is None else int(max_bytes)
-    if est.nbytes <= limit:
-        return
-    cause, nbytes = max(est.parts.items(), key=lambda kv: kv[1])
-    raise ValueError(
-        f"electrostatics{what} would need about {est.nbytes / 2**30:.3g} GiB, over the limit "
-        f"of {limit / 2**30:.3g} GiB (max_bytes); the largest part is {cause} "
-        f"(~{nbytes / 2**30:.3g} GiB). Use a looser accuracy, narrower Gaussian widths, or "
-        "fewer atoms per evaluation"
-    )
 
 
 def _kp_exponent(eps: float, alpha_a: float) -> float:
@@ -465,7 +319,9 @@ def prepare(
         wide = int(np.argmax(np.broadcast_to(np.asarray(sigma, dtype=float), (n_atoms,))))
         check_sigma_max(sigma_max, cell, pbc, what=f"sigma[{wide}]")
     alpha, s, r_cut, k_cut, extra = _choose(method, cell, n_atoms, eps, sigma_max, order)
-    est = estimate_resources(method, n_atoms, cell, r_cut, k_cut, extra.get("grid", ()), order)
+    est = estimate_resources(
+        method, n_atoms, cell, r_cut, k_cut, extra.get("grid", ()), order, margin=CELL_MARGIN
+    )
     check_resources(est, max_bytes, f" ({method}, {n_atoms} atoms, accuracy {eps:g})")
     dtype = system.positions.dtype
     shifts = cellmod.image_shifts(cell, pbc, r_cut * (1 + CELL_MARGIN))
