@@ -58,6 +58,19 @@ def _host_neighbors(positions, cell, mask, r_cut) -> NeighborList:
     )
 
 
+def _check_sigma_cutoff(sigma: np.ndarray, params: ElectrostaticsParams) -> None:
+    """Gaussian widths need ``r_cut >= 2 s max(σ)``; ``params`` may be for narrower ones."""
+    if not params.periodic or sigma.size == 0:
+        return
+    s_max = float(np.max(sigma))
+    if 2.0 * params.s * s_max > params.r_cut * (1 + 1e-9):
+        raise ValueError(
+            f"Gaussian width sigma={s_max:.4g} Å needs a real-space cut-off of "
+            f"{2 * params.s * s_max:.4g} Å but params have r_cut={params.r_cut:.4g} Å; "
+            "pass sigma to prepare()"
+        )
+
+
 def _inputs(positions, cell, charges, sigma, params, mask):
     positions = jnp.asarray(positions)
     if positions.ndim != 2 or positions.shape[1] != 3:
@@ -93,14 +106,8 @@ def _inputs(positions, cell, charges, sigma, params, mask):
             else jnp.asarray(sigma, dtype=dtype)
         )
         validate_sigma(sigma, n, mask)
-        if params.periodic and _is_concrete(sigma) and _is_concrete(mask):
-            s_max = float(np.max(np.where(np.asarray(mask), np.asarray(sigma), 0.0)))
-            if 2.0 * params.s * s_max > params.r_cut * (1 + 1e-9):
-                raise ValueError(
-                    f"Gaussian width sigma={s_max:.4g} Å needs a real-space cut-off of "
-                    f"{2 * params.s * s_max:.4g} Å but params have r_cut={params.r_cut:.4g} Å; "
-                    "pass sigma to prepare()"
-                )
+        if _is_concrete(sigma) and _is_concrete(mask):
+            _check_sigma_cutoff(np.where(np.asarray(mask), np.asarray(sigma), 0.0), params)
         sigma = jnp.where(mask, sigma, 1.0)
     q = jnp.where(mask, charges.astype(dtype), 0.0)
     positions = jnp.where(mask[:, None], positions, 0.0)
@@ -217,6 +224,8 @@ def _system_state(system, charges, sigma, method, accuracy, params, neighbors):
     _check_charges(charges, system.n_atoms)
     sigma_now = cache.primal(sigma)
     validate_sigma(sigma if sigma_now is None else sigma_now, system.n_atoms)
+    if params is not None and sigma_now is not None:
+        _check_sigma_cutoff(np.broadcast_to(sigma_now, (system.n_atoms,)), params)
     cell_np = cache.primal(system.cell) if system.periodic else None
     if params is None:
         if system.periodic and cell_np is None:
@@ -233,6 +242,18 @@ def _system_state(system, charges, sigma, method, accuracy, params, neighbors):
     if params.periodic and neighbors is None and cell_np is not None:
         neighbors = cache.neighbors(params, system.positions, cell_np)
     return params, cell, neighbors
+
+
+def _arg(x):
+    """Arrays as jit arguments (lists and scalars become one numpy leaf)."""
+    return x if x is None or isinstance(x, jax.Array) else np.asarray(x)
+
+
+@partial(jax.jit, static_argnames=("want",))
+def _system_kernel(positions, cell, charges, sigma, params, neighbors, want):
+    """``_inputs`` and ``_compute`` in one compiled call (no eager ops per call)."""
+    positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, None)
+    return _compute(positions, cell, q, sigma, mask, params, neighbors, want)
 
 
 def energy(
@@ -269,7 +290,8 @@ def energy(
     params, cell, neighbors = _system_state(
         system, charges, sigma, method, accuracy, params, neighbors
     )
-    return _evaluate(system.positions, cell, charges, sigma, params, neighbors, None, "energy")
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    return _system_kernel(*args, "energy")
 
 
 def potential(
@@ -286,12 +308,14 @@ def potential(
     params, cell, neighbors = _system_state(
         system, charges, sigma, method, accuracy, params, neighbors
     )
-    return _evaluate(system.positions, cell, charges, sigma, params, neighbors, None, "phi")
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    return _system_kernel(*args, "phi")
 
 
 @partial(jax.jit, static_argnames=("stress",))
-def _energy_forces(positions, cell, q, sigma, mask, params, neighbors, stress):
+def _energy_forces(positions, cell, charges, sigma, params, neighbors, stress):
     """One compiled energy-and-gradient kernel (strain derivative when ``stress``)."""
+    positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, None)
     dtype = positions.dtype
 
     def e_fn(pos, strain):
@@ -348,6 +372,6 @@ def energy_and_forces(
     )
     if stress and not params.periodic:
         raise ValueError("stress needs a periodic system (pbc all True); this one is open")
-    positions, cell, q, sigma, mask = _inputs(system.positions, cell, charges, sigma, params, None)
-    e, f, s = _energy_forces(positions, cell, q, sigma, mask, params, neighbors, stress)
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    e, f, s = _energy_forces(*args, stress)
     return (e, f, s) if stress else (e, f)
