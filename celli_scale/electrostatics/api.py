@@ -3,6 +3,11 @@
 ``phi_i = ∂E/∂q_i`` everywhere (it includes the atom's own Gaussian self-energy term and
 the neutralising-background term), so ``E = ½ Σ q_i φ_i`` exactly and ``φ`` is linear and
 symmetric in the charges (the Qeq solvers use it as the matvec ``A q``).
+
+The array-level functions (``*_arrays``) are pure and take prepared parameters and lists.
+The System-level ones (:func:`energy`, :func:`potential`, :func:`energy_and_forces`) check
+their inputs on the host, take parameters and a Verlet list from
+:mod:`celli_scale.electrostatics.cache`, and run one compiled kernel per call.
 """
 
 from __future__ import annotations
