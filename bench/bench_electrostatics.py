@@ -8,12 +8,17 @@ in ``setup``; neighbor lists and parameters prepared in ``setup``).
 jax-pme (PEERS.md) co-installs with jax 0.10.2 but is not a dependency; its figures are
 quoted from PEERS.md rather than re-run here.
 
+``PublicVsPrepared`` / ``PublicOverPrepared``: the public call a new user writes,
+``electrostatics.energy_and_forces(system, q)`` (parameters and Verlet list cached between
+calls, one compiled kernel), against the prepared jitted kernel above, N = 1,000, warm.
+
 Set ``CELLI_BENCH_QUICK=1`` for tiny sizes (every benchmark runs once, fast).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -31,6 +36,7 @@ ACCURACY = 1e-6
 PME_SIDES = [4] if QUICK else [10, 16, 20, 40]
 EWALD_SIDES = [4] if QUICK else [6, 10, 16, 20]
 PEER_SIDE = 4 if QUICK else 10
+PUBLIC_SIDE = 4 if QUICK else 10
 
 
 def nacl_grid(n: int):
@@ -142,3 +148,87 @@ class EwaldVsPymatgen:
         return abs(float(e) / exact_energy(self.n_atoms) - 1)
 
     track_energy_rel_error.unit = "relative"
+
+
+class _PublicAndPrepared:
+    """Both ways of getting energy + forces on the same NaCl grid (float64, accuracy 1e-6)."""
+
+    def _setup_both(self, method):
+        s, q = nacl_grid(PUBLIC_SIDE)
+        self.system, self.q_np, self.method = s, q, method
+        self.prepared = _Ours()
+        self.prepared.method = method
+        self.prepared.setup(s.n_atoms)  # prepare + exact list outside the timing, jit warm
+        self.rng = np.random.default_rng(0)
+        self.pos0 = np.asarray(s.positions)
+        self.public()  # compile + warm up (parameters and Verlet list cached)
+        self.public()
+
+    def public(self):
+        out = el.energy_and_forces(self.system, self.q_np, method=self.method)
+        return jax.block_until_ready(out)
+
+    def public_moving(self):
+        """As an MD step: new positions each call (within the Verlet skin: no rebuild)."""
+        pos = self.pos0 + self.rng.uniform(-0.01, 0.01, self.pos0.shape)
+        moved = self.system.replace(positions=pos)
+        out = el.energy_and_forces(moved, self.q_np, method=self.method)
+        return jax.block_until_ready(out)
+
+
+class PublicVsPrepared(_PublicAndPrepared):
+    """N = 1,000 (quick: 64), warm: public ``energy_and_forces(system, q)`` at fixed and at
+    moving positions vs the prepared jitted kernel (``prepare`` + exact
+    ``real_space_neighbors`` + jitted ``value_and_grad(energy_arrays)``, host work outside
+    the timing)."""
+
+    timeout = 600
+    params = (["ewald", "pme"], ["public", "public_moving", "prepared"])
+    param_names = ["method", "call"]
+
+    def setup(self, method, call):
+        self._setup_both(method)
+        self.call = {
+            "public": self.public,
+            "public_moving": self.public_moving,
+            "prepared": self.prepared.run,
+        }[call]
+
+    def time_energy_forces(self, method, call):
+        self.call()
+
+
+class PublicOverPrepared(_PublicAndPrepared):
+    """min(public) / min(prepared) over interleaved warm calls, N = 1,000 (quick: 64).
+    The goal is ≤ 1.5."""
+
+    timeout = 900
+    params = ["ewald", "pme"]
+    param_names = ["method"]
+    rounds = 1
+    repeat = 1
+    number = 1
+
+    def setup(self, method):
+        self._setup_both(method)
+
+    def _ratio(self, public, rounds=3 if QUICK else 7):
+        t_pub, t_prep = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            public()
+            t_pub.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            self.prepared.run()
+            t_prep.append(time.perf_counter() - t0)
+        return min(t_pub) / min(t_prep)
+
+    def track_public_over_prepared(self, method):
+        return self._ratio(self.public)
+
+    track_public_over_prepared.unit = "ratio"
+
+    def track_public_moving_over_prepared(self, method):
+        return self._ratio(self.public_moving)
+
+    track_public_moving_over_prepared.unit = "ratio"

@@ -283,7 +283,8 @@ def test_open_boundary_forces_finite_differences():
 
 
 def test_grad_through_system_constructor():
-    """jax.grad through cs.System(p, ...) with traced positions uses the dense path."""
+    """jax.grad through cs.System(p, ...) with traced positions: the neighbor list is
+    built at the primal positions (outside jit) and equals the explicit-list forces."""
     s, q, _ = random_system(6, 9)
     params = el.prepare(s, "ewald", 1e-8)
     g = jax.grad(lambda p: el.energy(cs.System(p, s.species, s.cell, pbc=True), q, params=params))(
@@ -436,3 +437,245 @@ def test_bad_input():
         el.prepare(s, "ewald", 0.5)
     with pytest.raises(ValueError, match="order"):
         el.prepare(s, "pme", order=5)
+
+
+# ------------------------------------------- public energy_and_forces: one compiled call
+
+
+def jittered_crystal(n_side=3, seed=0, spacing=2.6, jitter=0.25):
+    """n_side³ atoms on a jittered grid in a slightly triclinic cell, neutral random charges."""
+    rng = np.random.default_rng(seed)
+    cell = spacing * n_side * (np.eye(3) + rng.uniform(-0.06, 0.06, (3, 3)))
+    idx = np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = (idx + 0.5 + rng.uniform(-jitter, jitter, idx.shape) * 2 / spacing) / n_side
+    n = frac.shape[0]
+    s = cs.System(frac @ cell, np.full(n, 8), cell=cell, pbc=True, min_distance=1.0)
+    q = rng.normal(size=n)
+    return s, q - q.mean(), rng.uniform(0.6, 1.1, n)
+
+
+@jax.jit
+def _exact_energy_forces(positions, cell, q, sigma, params, neighbors):
+    e, g = jax.value_and_grad(el.energy_arrays)(positions, cell, q, sigma, params, neighbors)
+    return e, -g
+
+
+def exact_reference(s, q, sigma, params, capacity=None):
+    """The prepared kernel with an exact (skin-free) list built for these positions."""
+    nl = el.real_space_neighbors(s, params, capacity=capacity)
+    return _exact_energy_forces(s.positions, s.cell, jnp.asarray(q), sigma, params, nl)
+
+
+class CompileCounter:
+    """Counts XLA compilations (jax.monitoring) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, name, duration, **kw):
+        if name == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+@pytest.mark.parametrize("method", ["direct", "ewald", "pme"])
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_energy_and_forces_matches_grad_and_finite_differences(method, gaussian):
+    s, q, sig = random_system(6, 20, charged=method != "direct")
+    if method == "direct":
+        s = cs.System(s.positions, s.species)
+    sig = sig if gaussian else None
+    kw = dict(method=method, accuracy=1e-8)
+    e, f = el.energy_and_forces(s, q, sig, **kw)
+    assert f.shape == (6, 3) and f.dtype == jnp.float64
+    assert float(e) == pytest.approx(float(el.energy(s, q, sig, **kw)), rel=1e-12)
+    g = jax.grad(lambda p: el.energy(s.replace(positions=p), q, sig, **kw))(s.positions)
+    assert np.allclose(np.asarray(f), -np.asarray(g), rtol=0, atol=1e-10 * np.abs(f).max())
+
+    def e_at(p):
+        return float(el.energy(s.replace(positions=jnp.asarray(p)), q, sig, **kw))
+
+    f_fd = -_central(e_at, s.positions, 1e-4)
+    assert np.max(np.abs(np.asarray(f) - f_fd)) < 1e-6 * np.abs(f).max()
+    assert np.abs(f).max() > 0.1  # non-trivial
+
+
+@pytest.mark.parametrize("method", ["ewald", "pme"])
+def test_energy_and_forces_stress_matches_strain_finite_differences(method):
+    s, q, sig = random_system(6, 21, charged=True)
+    e, f, stress = el.energy_and_forces(s, q, sig, method=method, accuracy=1e-8, stress=True)
+    # the same energy function strained: parameters and list fixed at zero strain
+    p0 = el.prepare(s, method, 1e-8, sigma=sig)
+    nl0 = el.real_space_neighbors(s, p0)
+    pos0, cell0 = np.asarray(s.positions), np.asarray(s.cell)
+
+    def e_strained(eps):
+        t = np.eye(3) + 0.5 * (eps + eps.T)
+        st = cs.System(pos0 @ t, s.species, cell0 @ t, pbc=True)
+        return float(el.energy(st, q, sig, params=p0, neighbors=nl0))
+
+    vol = abs(np.linalg.det(cell0))
+    stress_fd = _central(e_strained, np.zeros((3, 3)), 1e-5) / vol
+    stress = np.asarray(stress)
+    assert np.allclose(stress, stress.T, atol=1e-12)
+    assert np.max(np.abs(stress - stress_fd)) < 1e-6 * np.max(np.abs(stress))
+    assert np.max(np.abs(stress)) > 1e-4
+    e2, f2 = el.energy_and_forces(s, q, sig, method=method, accuracy=1e-8)
+    assert float(e2) == float(e) and np.array_equal(np.asarray(f2), np.asarray(f))
+    with pytest.raises(ValueError, match="stress needs a periodic"):
+        el.energy_and_forces(cs.System(s.positions, s.species), q, stress=True)
+
+
+@pytest.mark.parametrize("method", ["ewald", "pme"])
+def test_public_calls_compile_once_and_follow_moving_atoms(method):
+    """Moved atoms: no recompilation, the Verlet list is reused within the skin and
+    rebuilt beyond it (also when an atom is wrapped back by a lattice vector), and every
+    result equals the prepared kernel with an exact list built for those positions."""
+    s, q, _ = jittered_crystal(3, seed=1)
+    el.cache.clear()
+    params = el.prepare(s, method, 1e-6)
+    cap = 2 * el.real_space_neighbors(s, params).capacity  # one shape for the reference
+    el.energy_and_forces(s, q, method=method)  # compiles
+    el.energy(s, q, method=method)
+    rng = np.random.default_rng(2)
+    pos = np.asarray(s.positions)
+    cell = np.asarray(s.cell)
+    moves = ["small", "small", "large", "small", "wrap", "large"]
+    with CompileCounter() as counter:
+        for move in moves:
+            if move == "small":  # well inside half the skin
+                pos = pos + rng.uniform(-0.01, 0.01, pos.shape)
+            elif move == "large":
+                pos = pos + rng.uniform(-0.3, 0.3, pos.shape)
+            else:  # atom 0 wrapped by a lattice vector: same structure, other image
+                pos = pos.copy()
+                pos[0] += cell[0]
+            st = s.replace(positions=pos)
+            e, f = el.energy_and_forces(st, q, method=method)
+            e_only = el.energy(st, q, method=method)
+            n_compiled = counter.count
+            e_ref, f_ref = exact_reference(st, q, None, params, cap)
+            counter.count = n_compiled  # the reference's own compilation does not count
+            assert float(e) == pytest.approx(float(e_ref), rel=1e-12, abs=1e-12), move
+            assert float(e_only) == pytest.approx(float(e_ref), rel=1e-12, abs=1e-12), move
+            assert np.allclose(np.asarray(f), np.asarray(f_ref), rtol=0, atol=1e-10), move
+    assert counter.count == 0
+    st = el.cache.stats()
+    assert st["params_prepared"] == 1
+    assert st["lists_built"] >= 1 + moves.count("large") + moves.count("wrap")
+    assert st["lists_reused"] >= 2 * moves.count("small")
+
+
+def test_traced_positions_inside_jit_use_the_cached_list():
+    """Inside jit (abstract positions, concrete cell) the list comes from a host callback:
+    results follow the atoms, also beyond the skin, and equal the host path."""
+    s, q, _ = jittered_crystal(3, seed=3)
+    el.cache.clear()
+    e_fn = jax.jit(lambda p: el.energy(s.replace(positions=p), q, method="ewald"))
+    ef_fn = jax.jit(lambda p: el.energy_and_forces(s.replace(positions=p), q, method="ewald"))
+    params = el.prepare(s, "ewald", 1e-6)
+    cap = 2 * el.real_space_neighbors(s, params).capacity
+    rng = np.random.default_rng(4)
+    pos = np.asarray(s.positions)
+    for _ in range(3):
+        pos = pos + rng.uniform(-0.3, 0.3, pos.shape)
+        st = s.replace(positions=pos)
+        e_ref, f_ref = exact_reference(st, q, None, params, cap)
+        assert float(e_fn(jnp.asarray(pos))) == pytest.approx(float(e_ref), rel=1e-12)
+        e, f = ef_fn(jnp.asarray(pos))
+        assert float(e) == pytest.approx(float(e_ref), rel=1e-12)
+        assert np.allclose(np.asarray(f), np.asarray(f_ref), rtol=0, atol=1e-10)
+    assert el.cache.stats()["lists_built"] >= 3
+
+
+# ------------------------------------------------------------------ hardening (issue 16)
+
+
+def test_sigma_broader_than_cell_is_refused():
+    """Was: a ~370 Å real-space cut-off and an out-of-memory kill (13 GB)."""
+    s, q, _ = random_system(16, 22)
+    with pytest.raises(ValueError, match=r"sigma.*=50 Å is broader than the cell"):
+        el.energy(s, q, sigma=50.0, method="ewald")
+    h = el.limits.min_cell_width(np.asarray(s.cell))
+    el.check_sigma_max(h, s.cell)  # the bound itself is allowed
+    with pytest.raises(ValueError, match="elec_sigma_max=.* broader than the cell"):
+        el.check_sigma_max(1.01 * h, s.cell, what="elec_sigma_max")
+    el.check_sigma_max(1e3, np.eye(3), pbc=False)  # open: no bound
+
+
+def test_memory_estimate_refuses_before_allocating():
+    s, q, _ = jittered_crystal(3, seed=5)
+    p = el.prepare(s, "ewald", 1e-6)
+    est = el.estimate_resources("ewald", s.n_atoms, s.cell, p.r_cut, 2 * p.alpha * p.s)
+    n_pairs = int(el.real_space_neighbors(s, p).n_pairs)
+    assert 0.7 < n_pairs / est.pairs < 1.3
+    assert 0.7 < p.kvecs.shape[0] / est.kvectors < 1.5
+    with pytest.raises(ValueError, match=r"real-space pairs within r_cut=.*GiB"):
+        el.prepare(s, "ewald", 1e-6, max_bytes=est.nbytes // 2)
+    pp = el.prepare(s, "pme", 1e-6)
+    est = el.estimate_resources("pme", s.n_atoms, s.cell, pp.r_cut, grid=pp.grid, order=pp.order)
+    assert est.grid_points == np.prod(pp.grid)
+    # the dense in-jit real-space sum (traced positions, no list) is refused at trace time
+    old = el.limits.MEMORY_FRACTION
+    try:
+        el.limits.MEMORY_FRACTION = 1e-9
+        with pytest.raises(ValueError, match="dense in-jit real-space sum"):
+            jax.jit(lambda x: el.energy_arrays(x, s.cell, q, None, p))(s.positions)
+    finally:
+        el.limits.MEMORY_FRACTION = old
+
+
+@pytest.mark.parametrize("method", ["direct", "ewald"])
+def test_nan_charges_name_the_atom(method):
+    """Was: NaN energy, silently."""
+    s, q, _ = random_system(5, 23)
+    if method == "direct":
+        s = cs.System(s.positions, s.species)
+    bad = q.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="atom 3 has charge nan"):
+        el.energy(s, bad, method=method)
+    for fn in ("potential", "energy_and_forces"):
+        with pytest.raises(ValueError, match="atom 3 has charge nan"):
+            getattr(el, fn)(s, bad, method=method)
+    bad[3] = np.inf
+    with pytest.raises(ValueError, match="atom 3 has charge inf"):
+        el.energy(s, bad, method=method)
+    # inside jit nothing raises: the NaN comes back
+    assert np.isnan(float(jax.jit(lambda qq: el.energy(s, qq, method=method))(bad * np.nan)))
+
+
+def test_complex_input_refused():
+    """Was: the imaginary part silently dropped."""
+    s, q, sig = random_system(5, 24)
+    with pytest.raises(ValueError, match="charges must be real"):
+        el.energy(s, q + 0.5j)
+    with pytest.raises(ValueError, match="charges must be real"):
+        el.energy_arrays(s.positions, s.cell, q.astype(complex), None, el.prepare(s))
+    with pytest.raises(ValueError, match="sigma must be real"):
+        el.energy(s, q, sig + 0j)
+    with pytest.raises(ValueError, match="sigma must be real"):
+        el.prepare(s, sigma=sig.astype(np.complex128))
+
+
+def test_coulomb_constant_from_codata():
+    """Was 14.399645 (rounded, 3.3e-8 relative). scipy: same formula, so equal to
+    rounding; ASE's CODATA 2022 table derives ε₀ from μ₀ and agrees to ~1.2e-12."""
+    import math
+
+    import ase.units
+    from scipy import constants as si
+
+    ref = si.e / (4 * math.pi * si.epsilon_0) * 1e10
+    assert COULOMB == pytest.approx(ref, rel=1e-15)
+    u = ase.units.create_units("2022")
+    assert COULOMB == pytest.approx(u["_e"] / (4 * math.pi * u["_eps0"]) * 1e10, rel=5e-12)
+    assert abs(COULOMB / 14.399645 - 1) > 1e-8  # not the old rounded value

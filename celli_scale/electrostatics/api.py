@@ -3,6 +3,11 @@
 ``phi_i = ∂E/∂q_i`` everywhere (it includes the atom's own Gaussian self-energy term and
 the neutralising-background term), so ``E = ½ Σ q_i φ_i`` exactly and ``φ`` is linear and
 symmetric in the charges (the Qeq solvers use it as the matvec ``A q``).
+
+The array-level functions (``*_arrays``) are pure and take prepared parameters and lists.
+The System-level ones (:func:`energy`, :func:`potential`, :func:`energy_and_forces`) check
+their inputs on the host, take parameters and a Verlet list from
+:mod:`celli_scale.electrostatics.cache`, and run one compiled kernel per call.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from celli_scale import cell as cellmod
-from celli_scale.electrostatics import direct, ewald, pme
-from celli_scale.electrostatics.params import ElectrostaticsParams, prepare, validate_sigma
+from celli_scale.electrostatics import cache, direct, ewald, pme
+from celli_scale.electrostatics.limits import check_real, memory_limit
+from celli_scale.electrostatics.params import ElectrostaticsParams, validate_sigma
 from celli_scale.neighbors import NeighborList, neighbor_list
+
+# peak bytes per (atom, atom, image) element of the dense in-jit real-space sum with
+# gradients (vector, distance, kernel, masks and their cotangents)
+_BYTES_DENSE_ELEMENT = 96
 
 
 def _is_concrete(x: Any) -> bool:
@@ -53,12 +63,27 @@ def _host_neighbors(positions, cell, mask, r_cut) -> NeighborList:
     )
 
 
+def _check_sigma_cutoff(sigma: np.ndarray, params: ElectrostaticsParams) -> None:
+    """Gaussian widths need ``r_cut >= 2 s max(σ)``; ``params`` may be for narrower ones."""
+    if not params.periodic or sigma.size == 0:
+        return
+    s_max = float(np.max(sigma))
+    if 2.0 * params.s * s_max > params.r_cut * (1 + 1e-9):
+        raise ValueError(
+            f"Gaussian width sigma={s_max:.4g} Å needs a real-space cut-off of "
+            f"{2 * params.s * s_max:.4g} Å but params have r_cut={params.r_cut:.4g} Å; "
+            "pass sigma to prepare()"
+        )
+
+
 def _inputs(positions, cell, charges, sigma, params, mask):
     positions = jnp.asarray(positions)
     if positions.ndim != 2 or positions.shape[1] != 3:
         raise ValueError(f"positions must have shape (N, 3), got {tuple(positions.shape)}")
     n = positions.shape[0]
     dtype = positions.dtype
+    check_real("positions", positions)
+    check_real("charges", charges)
     charges = jnp.asarray(charges)
     if charges.shape != (n,):
         raise ValueError(
@@ -79,20 +104,15 @@ def _inputs(positions, cell, charges, sigma, params, mask):
         if cell.shape != (3, 3):
             raise ValueError(f"cell must have shape (3, 3), got {tuple(cell.shape)}")
     if sigma is not None:
+        check_real("sigma", sigma)
         sigma = (
             jnp.broadcast_to(jnp.asarray(sigma, dtype=dtype), (n,))
             if jnp.ndim(sigma) == 0
             else jnp.asarray(sigma, dtype=dtype)
         )
         validate_sigma(sigma, n, mask)
-        if params.periodic and _is_concrete(sigma) and _is_concrete(mask):
-            s_max = float(np.max(np.where(np.asarray(mask), np.asarray(sigma), 0.0)))
-            if 2.0 * params.s * s_max > params.r_cut * (1 + 1e-9):
-                raise ValueError(
-                    f"Gaussian width sigma={s_max:.4g} Å needs a real-space cut-off of "
-                    f"{2 * params.s * s_max:.4g} Å but params have r_cut={params.r_cut:.4g} Å; "
-                    "pass sigma to prepare()"
-                )
+        if _is_concrete(sigma) and _is_concrete(mask):
+            _check_sigma_cutoff(np.where(np.asarray(mask), np.asarray(sigma), 0.0), params)
         sigma = jnp.where(mask, sigma, 1.0)
     q = jnp.where(mask, charges.astype(dtype), 0.0)
     positions = jnp.where(mask[:, None], positions, 0.0)
@@ -112,6 +132,18 @@ def _evaluate(positions, cell, charges, sigma, params, neighbors, mask, want):
     return _compute(positions, cell, q, sigma, mask, params, neighbors, want)
 
 
+def _check_dense_size(n: int, n_images: int) -> None:
+    """Refuse (at trace time) a dense real-space sum that would not fit in memory."""
+    nbytes = n * n * n_images * _BYTES_DENSE_ELEMENT
+    if nbytes > memory_limit():
+        raise ValueError(
+            f"the dense in-jit real-space sum ({n} atoms × {n} atoms × {n_images} images, "
+            f"used when positions are traced and no neighbor list is given) would need "
+            f"about {nbytes / 2**30:.3g} GiB, over the limit of {memory_limit() / 2**30:.3g} "
+            "GiB; pass neighbors= (real_space_neighbors) or a concrete cell"
+        )
+
+
 @partial(jax.jit, static_argnames=("want",))
 def _compute(positions, cell, q, sigma, mask, params, neighbors, want):
     """The jit-compiled kernel (inlined when called inside an outer jit)."""
@@ -122,8 +154,11 @@ def _compute(positions, cell, q, sigma, mask, params, neighbors, want):
     alpha = params.alpha
     volume = jnp.abs(jnp.linalg.det(cell))
     if neighbors is not None:
-        real = ewald.real_space_pairs(positions, cell, q, sigma, alpha, neighbors, mask, want)
+        real = ewald.real_space_pairs(
+            positions, cell, q, sigma, alpha, neighbors, mask, want, r_cut=params.r_cut
+        )
     else:
+        _check_dense_size(positions.shape[0], params.shifts.shape[0])
         shifts = params.shifts.astype(positions.dtype)
         real = ewald.real_space_dense(
             positions, cell, q, sigma, alpha, params.r_cut, shifts, mask, want
@@ -176,21 +211,54 @@ def energy_arrays(
     return _evaluate(positions, cell, charges, sigma, params, neighbors, mask, "energy")
 
 
-def _system_params(system, sigma, method, accuracy, params):
+def _check_charges(charges: Any, n: int) -> None:
+    """Host checks of System-level charges: real, one per atom, finite (when concrete)."""
+    check_real("charges", charges)
+    if jnp.shape(charges) != (n,):
+        raise ValueError(
+            f"charges must have shape ({n},) (one charge per atom, e), got {jnp.shape(charges)}"
+        )
+    q = cache.primal(charges)
+    if q is not None and not np.all(np.isfinite(q)):
+        i = int(np.flatnonzero(~np.isfinite(q))[0])
+        raise ValueError(f"charges must be finite (e); atom {i} has charge {q[i]}")
+
+
+def _system_state(system, charges, sigma, method, accuracy, params, neighbors):
+    """Checks, cached parameters and the cached real-space list for a System-level call."""
+    _check_charges(charges, system.n_atoms)
+    sigma_now = cache.primal(sigma)
+    validate_sigma(sigma if sigma_now is None else sigma_now, system.n_atoms)
+    if params is not None and sigma_now is not None:
+        _check_sigma_cutoff(np.broadcast_to(sigma_now, (system.n_atoms,)), params)
+    cell_np = cache.primal(system.cell) if system.periodic else None
     if params is None:
-        return prepare(system, method, accuracy, sigma)
-    if params.periodic != system.periodic:
+        if system.periodic and cell_np is None:
+            raise ValueError(
+                "electrostatics needs a concrete cell to choose its parameters (the cell "
+                "is traced inside jit): call prepare() outside and pass params="
+            )
+        params = cache.params(system, method, accuracy, sigma, cell_np)
+    elif params.periodic != system.periodic:
         raise ValueError(
             f"params are for method {params.method!r} but the system has pbc={system.pbc}"
         )
-    return params
-
-
-def _on_system(kernel, system, charges, sigma, method, accuracy, params, neighbors):
-    """Run an ``*_arrays`` kernel on a System (parameters prepared unless given)."""
-    params = _system_params(system, sigma, method, accuracy, params)
     cell = system.cell if params.periodic else None
-    return kernel(system.positions, cell, charges, sigma, params, neighbors)
+    if params.periodic and neighbors is None and cell_np is not None:
+        neighbors = cache.neighbors(params, system.positions, cell_np)
+    return params, cell, neighbors
+
+
+def _arg(x):
+    """Arrays as jit arguments (lists and scalars become one numpy leaf)."""
+    return x if x is None or isinstance(x, jax.Array) else np.asarray(x)
+
+
+@partial(jax.jit, static_argnames=("want",))
+def _system_kernel(positions, cell, charges, sigma, params, neighbors, want):
+    """``_inputs`` and ``_compute`` in one compiled call (no eager ops per call)."""
+    positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, None)
+    return _compute(positions, cell, q, sigma, mask, params, neighbors, want)
 
 
 def energy(
@@ -206,15 +274,29 @@ def energy(
     """Electrostatic energy (eV) of ``charges`` (e) on ``system``.
 
     Gaussian charges of widths ``sigma`` (Å) if given, else point charges. Periodic
-    systems get a uniform neutralising background for a net charge. ``params`` (from
-    :func:`prepare`) override ``method``/``accuracy``; they are required when the cell
-    is traced. Differentiable w.r.t. positions, cell, charges and sigma.
+    systems get a uniform neutralising background for a net charge. Differentiable
+    w.r.t. positions, cell, charges and sigma.
+
+    Parameters (:func:`prepare`) and the real-space neighbor list are kept between calls
+    (:mod:`celli_scale.electrostatics.cache`) and the kernel is compiled once per
+    (method, shapes), so repeated calls on moving atoms cost one kernel call. ``params``
+    override ``method``/``accuracy``; they are required when the cell is traced inside
+    ``jit``. ``neighbors`` (from :func:`real_space_neighbors`) override the cached list.
+
+    Raises:
+      ValueError: bad charges (shape, non-real dtype, NaN/inf naming the atom; the value
+        check runs when the charges are concrete), bad sigma, or any :func:`prepare` error.
 
     Example:
+      >>> e, f = energy_and_forces(system, q)      # forces: the fast, recommended way
       >>> e = energy(system, q, method="ewald", accuracy=1e-8)
-      >>> forces = -jax.grad(lambda p: energy(system.replace(positions=p), q))(system.positions)
+      >>> f = -jax.grad(lambda p: energy(system.replace(positions=p), q))(system.positions)
     """
-    return _on_system(energy_arrays, system, charges, sigma, method, accuracy, params, neighbors)
+    params, cell, neighbors = _system_state(
+        system, charges, sigma, method, accuracy, params, neighbors
+    )
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    return _system_kernel(*args, "energy")
 
 
 def potential(
@@ -228,4 +310,73 @@ def potential(
     neighbors: NeighborList | None = None,
 ) -> jax.Array:
     """Potential ``φ_i = ∂E/∂q_i`` (V = eV/e) at every atom; see :func:`energy`."""
-    return _on_system(potential_arrays, system, charges, sigma, method, accuracy, params, neighbors)
+    params, cell, neighbors = _system_state(
+        system, charges, sigma, method, accuracy, params, neighbors
+    )
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    return _system_kernel(*args, "phi")
+
+
+@partial(jax.jit, static_argnames=("stress",))
+def _energy_forces(positions, cell, charges, sigma, params, neighbors, stress):
+    """One compiled energy-and-gradient kernel (strain derivative when ``stress``)."""
+    positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, None)
+    dtype = positions.dtype
+
+    def e_fn(pos, strain):
+        c = cell
+        if stress:
+            deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
+            pos, c = pos @ deform, cell @ deform
+        return _compute(pos, c, q, sigma, mask, params, neighbors, "energy")
+
+    strain0 = jnp.zeros((3, 3), dtype)
+    e, g = jax.value_and_grad(e_fn, argnums=(0, 1) if stress else 0)(positions, strain0)
+    if stress:
+        return e, -g[0], g[1] / jnp.abs(jnp.linalg.det(cell))
+    return e, -g, None
+
+
+def energy_and_forces(
+    system,
+    charges: jax.Array,
+    sigma: jax.Array | None = None,
+    method: str = "auto",
+    accuracy: float = 1e-6,
+    *,
+    stress: bool = False,
+    params: ElectrostaticsParams | None = None,
+    neighbors: NeighborList | None = None,
+):
+    """Energy (eV), forces ``-∂E/∂r`` (eV/Å) and optionally stress (eV/Å³), in one call.
+
+    The recommended way to get forces: one jit-compiled ``value_and_grad`` kernel,
+    compiled once per (method, shapes), with the parameters and the real-space Verlet
+    list kept between calls (:mod:`celli_scale.electrostatics.cache`; rebuilt when atoms
+    moved more than half the skin, at the same capacity). Arguments as :func:`energy`.
+
+    Args:
+      stress: also return the stress ``(1/V) ∂E/∂ε`` ``(3, 3)`` eV/Å³ for a symmetric
+        strain ε applied to positions and cell (ASE's sign convention, as
+        :mod:`celli_scale.potential`); periodic systems only.
+
+    Returns:
+      ``(energy, forces)`` — ``()`` eV and ``(N, 3)`` eV/Å — or
+      ``(energy, forces, stress)`` with ``stress=True``. Differentiable again w.r.t.
+      charges, sigma and positions.
+
+    Raises:
+      ValueError: as :func:`energy`; ``stress=True`` on an open system.
+
+    Example:
+      >>> e, f = energy_and_forces(system, q)                    # doctest: +SKIP
+      >>> e, f, s = energy_and_forces(system, q, method="pme", stress=True)  # doctest: +SKIP
+    """
+    params, cell, neighbors = _system_state(
+        system, charges, sigma, method, accuracy, params, neighbors
+    )
+    if stress and not params.periodic:
+        raise ValueError("stress needs a periodic system (pbc all True); this one is open")
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    e, f, s = _energy_forces(*args, stress)
+    return (e, f, s) if stress else (e, f)

@@ -37,13 +37,19 @@ def _kernel(r, alpha, s_i, s_j):
     return k / r
 
 
-def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, want):
-    """Real-space part over a (full, directed) neighbor list: φ (N,) or energy ()."""
+def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, want, r_cut=None):
+    """Real-space part over a (full, directed) neighbor list: φ (N,) or energy ().
+
+    A list built to a longer cut-off than ``r_cut`` (a Verlet list with a skin) has its
+    pairs beyond ``r_cut`` masked, so the result does not depend on the skin."""
     n = positions.shape[0]
     i, j = nl.senders, nl.receivers
     pm = nl.mask & mask[i] & mask[j]
     vec = edge_vectors(positions, cell, nl)
-    r = jnp.sqrt(jnp.where(pm, jnp.sum(vec * vec, axis=-1), 1.0))
+    r2 = jnp.sum(vec * vec, axis=-1)
+    if r_cut is not None and nl.r_cut > r_cut:
+        pm = pm & (r2 < r_cut**2)
+    r = jnp.sqrt(jnp.where(pm, r2, 1.0))
     s_i = None if sigma is None else sigma[i]
     s_j = None if sigma is None else sigma[j]
     kern = jnp.where(pm, _kernel(r, alpha, s_i, s_j), 0.0)

@@ -23,6 +23,12 @@ interpolation error, estimated from the first alias of the dominant wave vectors
 ``k ≈ 3α`` as ``2 (x / (1 − x))^p`` with ``x = 3 α h / 2π`` (grid spacing h along a
 lattice vector, order p; checked against Ewald in the tests), is kept below ε/√2 too,
 and the grid also resolves ``k_cut`` (Nyquist).
+
+Limits (checked before anything large is allocated)
+----------------------------------------------------
+Gaussian widths broader than the cell and evaluations that would not fit in memory are
+refused by :func:`prepare` with a ``ValueError``; see :mod:`celli_scale.electrostatics.limits`
+(re-exported here: :func:`check_sigma_max`, :func:`estimate_resources`, ...).
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ import numpy as np
 from flax import struct
 
 from celli_scale import cell as cellmod
+from celli_scale.electrostatics.limits import (  # noqa: F401  (re-exported)
+    MAX_SIGMA_CELL_RATIO,
+    ResourceEstimate,
+    check_real,
+    check_resources,
+    check_sigma_max,
+    estimate_resources,
+    memory_limit,
+    min_cell_width,
+)
 
 METHODS = ("auto", "direct", "ewald", "pme")
 #: ``method="auto"`` on a periodic system uses Ewald below this many atoms, PME from it on.
@@ -100,7 +116,10 @@ def _is_concrete(x: Any) -> bool:
 
 def validate_sigma(sigma: Any, n_atoms: int, mask: Any = None) -> None:
     """Raise ``ValueError`` naming the atom if a concrete ``sigma`` is not finite and > 0."""
-    if sigma is None or not _is_concrete(sigma):
+    if sigma is None:
+        return
+    check_real("sigma", sigma)
+    if not _is_concrete(sigma):
         return
     s = np.asarray(sigma, dtype=float)
     if s.shape not in ((), (n_atoms,)):
@@ -230,6 +249,7 @@ def prepare(
     sigma: Any = None,
     *,
     order: int = DEFAULT_PME_ORDER,
+    max_bytes: int | None = None,
 ) -> ElectrostaticsParams:
     """Choose the method and its parameters for ``system`` (host side, outside jit).
 
@@ -243,13 +263,17 @@ def prepare(
       sigma: optional Gaussian widths ``(N,)`` in Å the parameters must serve; the
         real-space cut-off is extended to ``2 s max(σ)`` when broad Gaussians need it.
       order: PME B-spline order (even, 4 … 12).
+      max_bytes: refuse parameters whose evaluation would need more memory than this
+        (estimated before allocating; default :func:`memory_limit`).
 
     Returns:
       :class:`ElectrostaticsParams`.
 
     Raises:
       ValueError: unknown method, bad accuracy/sigma/order, ``"direct"`` on a periodic
-        system or a periodic method on an open one, a traced cell.
+        system or a periodic method on an open one, a traced cell, Gaussian widths
+        broader than the cell (:func:`check_sigma_max`), an evaluation needing more than
+        ``max_bytes`` (:func:`check_resources`).
       NotImplementedError: partly periodic (slab/wire) systems.
     """
     if method not in METHODS:
@@ -291,7 +315,14 @@ def prepare(
         raise ValueError(f"PME B-spline order must be even and in 4..12, got {order}")
     cell = np.asarray(system.cell, dtype=float)
     sigma_max = 0.0 if sigma is None or not _is_concrete(sigma) else float(np.max(sigma))
+    if sigma_max > 0:
+        wide = int(np.argmax(np.broadcast_to(np.asarray(sigma, dtype=float), (n_atoms,))))
+        check_sigma_max(sigma_max, cell, pbc, what=f"sigma[{wide}]")
     alpha, s, r_cut, k_cut, extra = _choose(method, cell, n_atoms, eps, sigma_max, order)
+    est = estimate_resources(
+        method, n_atoms, cell, r_cut, k_cut, extra.get("grid", ()), order, margin=CELL_MARGIN
+    )
+    check_resources(est, max_bytes, f" ({method}, {n_atoms} atoms, accuracy {eps:g})")
     dtype = system.positions.dtype
     shifts = cellmod.image_shifts(cell, pbc, r_cut * (1 + CELL_MARGIN))
     common = dict(
