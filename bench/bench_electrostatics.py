@@ -1,4 +1,4 @@
-"""asv benchmarks: electrostatics (Ewald, PME) on the NaCl grid of bench PEERS.md, float64.
+"""asv benchmarks: electrostatics (Ewald, PME) on the NaCl grid (the shared PEERS.md), float64.
 
 NaCl grid: n³ sites of a simple cubic grid, spacing 2.2 Å, charges ±1 alternating, periodic
 cubic cell of side 2.2·n Å; exact energy −(N/2)·M·COULOMB/2.2 with the rock-salt Madelung
