@@ -17,9 +17,9 @@ import pytest
 
 import celli_scale as cs
 from celli_scale.models import build
-from celli_scale.models.layers import Graph
 from celli_scale.models.mace import MACEConfig, SymmetricContraction
-from celli_scale.models.nequip import NequIPConfig, channelwise_conv, conv_paths
+from celli_scale.models.layers import Graph, channelwise_conv, conv_paths
+from celli_scale.models.nequip import NequIPConfig
 from celli_scale.neighbors import neighbor_list
 
 SPECIES = (1, 8)

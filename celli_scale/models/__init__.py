@@ -8,30 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import jax
-from flax import struct
-
 from celli_scale.models.config import ModelConfig
-from celli_scale.models.layers import Graph
-
-
-@struct.dataclass
-class ModelOutput:
-    """What a model returns for one (padded) graph.
-
-    energy: ``()`` total energy (eV); node_energies: ``(N,)`` local atomic energies (eV,
-    zero on padding); charges: ``(N,)`` atomic charges (e) for charge-aware models, else None;
-    elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
-    qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
-    the host checks against the tolerance (a solve cannot raise inside jit).
-    """
-
-    energy: jax.Array
-    node_energies: jax.Array
-    charges: jax.Array | None = None
-    elec_energy: jax.Array | None = None
-    qeq_residual: jax.Array | None = None
-
+from celli_scale.models.layers import Graph, ModelOutput
 
 # name -> (module, config class, model class)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
