@@ -22,7 +22,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 MODEL_NAMES = tuple(_REGISTRY)
 
 
-def _lookup(name: str):
+def _lookup(name: str) -> tuple[type[ModelConfig], Any]:
+    """``(config class, model class)`` of a model name. Private: callers use
+    :func:`build` / :func:`make_config`. Model modules load on first use, so that
+    ``import celli_scale.models`` does not pull in the Qeq and electrostatics code."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; choose one of {list(_REGISTRY)}")
     mod, cfg, cls = _REGISTRY[name]
