@@ -156,15 +156,19 @@ def assert_forces_match_fd(
     components: Sequence[tuple[int, int]] | None = None,
     h: float = 1e-4,
     rtol: float = 1e-6,
+    atol: float | None = None,
 ) -> None:
-    """``forces`` equal ``-∂E/∂r`` by central finite differences (step ``h`` Å).
+    """``forces`` equal ``-∂E/∂r`` by central finite differences (step ``h`` Å):
+    ``|F - F_fd| <= atol + rtol |F_fd|`` for every checked component.
 
     Args:
       energy: ``positions (N, 3) -> E`` (eV).
       positions: ``(N, 3)`` Å where the forces were evaluated.
       forces: ``(N, 3)`` eV/Å.
       components: ``(atom, axis)`` pairs to check (default: all).
-      rtol: tolerance relative to ``max |F|`` (which must be non-trivial, > 1e-3 eV/Å).
+      rtol: tolerance relative to each finite difference.
+      atol: absolute tolerance (eV/Å); default ``rtol · max |F|``. ``max |F|`` must be
+        non-trivial (> 1e-3 eV/Å).
     """
     pos = np.asarray(positions, dtype=float)
     f = np.asarray(forces, dtype=float)
@@ -179,7 +183,8 @@ def assert_forces_match_fd(
             p[a, k] += sgn * h
             e.append(float(energy(p)))
         fd = -(e[0] - e[1]) / (2 * h)
-        assert abs(f[a, k] - fd) <= rtol * scale, (
+        tol = (rtol * scale if atol is None else atol) + rtol * abs(fd)
+        assert abs(f[a, k] - fd) <= tol, (
             f"force on atom {a} axis {k}: {f[a, k]:.10g} vs finite difference {fd:.10g}"
         )
 
