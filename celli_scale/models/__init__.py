@@ -8,30 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import jax
-from flax import struct
-
 from celli_scale.models.config import ModelConfig
-from celli_scale.models.layers import Graph
-
-
-@struct.dataclass
-class ModelOutput:
-    """What a model returns for one (padded) graph.
-
-    energy: ``()`` total energy (eV); node_energies: ``(N,)`` local atomic energies (eV,
-    zero on padding); charges: ``(N,)`` atomic charges (e) for charge-aware models, else None;
-    elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
-    qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
-    the host checks against the tolerance (a solve cannot raise inside jit).
-    """
-
-    energy: jax.Array
-    node_energies: jax.Array
-    charges: jax.Array | None = None
-    elec_energy: jax.Array | None = None
-    qeq_residual: jax.Array | None = None
-
+from celli_scale.models.layers import Graph, ModelOutput
 
 # name -> (module, config class, model class)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -44,7 +22,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 MODEL_NAMES = tuple(_REGISTRY)
 
 
-def _lookup(name: str):
+def _lookup(name: str) -> tuple[type[ModelConfig], Any]:
+    """``(config class, model class)`` of a model name. Private: callers use
+    :func:`build` / :func:`make_config`. Model modules load on first use, so that
+    ``import celli_scale.models`` does not pull in the Qeq and electrostatics code."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; choose one of {list(_REGISTRY)}")
     mod, cfg, cls = _REGISTRY[name]

@@ -34,7 +34,7 @@ compute on the same irreps. Scalar constants are Python floats so that a float32
 stays float32 (NumPy float64 scalars are not weakly typed and would promote).
 
 The building blocks (:class:`TwoBodyEmbedding`, :class:`AllegroLayer`,
-:class:`EdgeEnergyReadout`, :func:`edge_inputs`) are shared with CELLI
+:class:`EdgeEnergyReadout`, :func:`atomic_energies`) are shared with CELLI
 (:mod:`celli_scale.models.celli`), which inserts a charge-equilibration layer between them.
 """
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -50,16 +50,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celli_scale.models import ModelOutput
 from celli_scale.models.config import ModelConfig
 from celli_scale.models.layers import (
     MLP,
+    EdgeInputs,
     Graph,
+    ModelOutput,
     PerSpeciesScaleShift,
     SpeciesEmbedding,
-    edge_geometry,
-    edge_harmonics,
-    radial_embedding,
+    cast_graph,
+    edge_inputs,
     scatter_sum,
 )
 
@@ -224,6 +224,11 @@ def scalar_tp(v: jax.Array, g: jax.Array, l_max: int) -> jax.Array:
     return jnp.stack(_scalar_slots(_components(v), _components(g), l_max), axis=1)
 
 
+def _sh_components(sh: e3nn.IrrepsArray) -> list[jax.Array]:
+    """Spherical harmonics ``(E, (l_max+1)²)`` → ``(l_max+1)²`` arrays ``(E, 1)``."""
+    return _components(sh.array[:, :, None])
+
+
 def _l_index(l_max: int) -> np.ndarray:
     """``(l_max+1)²`` → the ``l`` of every component."""
     return np.concatenate([np.full(2 * l + 1, l) for l in range(l_max + 1)])
@@ -232,35 +237,6 @@ def _l_index(l_max: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # building blocks (shared with CELLI)
 # --------------------------------------------------------------------------------------
-class EdgeInputs(NamedTuple):
-    """Geometry of a graph's edges, in the model dtype.
-
-    basis: ``(E, n_radial)`` Bessel basis × envelope; cut: ``(E,)`` envelope × edge mask
-    (every edge output is multiplied by it, so edges vanish smoothly at ``r_cut`` and
-    padded edges contribute nothing); sh: ``(E, (l_max+1)², 1)`` spherical harmonics.
-    """
-
-    basis: jax.Array
-    cut: jax.Array
-    sh: jax.Array
-    r: jax.Array
-
-
-def cast_graph(graph: Graph, dtype: Any) -> Graph:
-    """The graph with positions and cell in the model dtype (differentiable cast)."""
-    return graph.replace(positions=graph.positions.astype(dtype), cell=graph.cell.astype(dtype))
-
-
-def edge_inputs(config: AllegroConfig, graph: Graph) -> EdgeInputs:
-    """Radial basis, cut-off weight and spherical harmonics of every edge."""
-    vec, r = edge_geometry(graph)
-    basis, env = radial_embedding(r, config.r_cut, config.n_radial, config.envelope_p)
-    cut = jnp.where(graph.edge_mask, env, 0.0).astype(vec.dtype)
-    sh = edge_harmonics(vec, config.l_max, config.parity).array.astype(vec.dtype)
-    basis = jnp.where(graph.edge_mask[:, None], basis, 0.0).astype(vec.dtype)
-    return EdgeInputs(basis, cut, sh[:, :, None], r)
-
-
 class TwoBodyEmbedding(nn.Module):
     """Initial edge latent ``x_ij`` ``(E, latent_dim)`` and features ``V_ij``.
 
@@ -291,7 +267,7 @@ class TwoBodyEmbedding(nn.Module):
             name="sh_weights",
         )(x)
         c = cfg.channels
-        sh = _components(edges.sh)
+        sh = _sh_components(edges.sh)
         v = [w[:, l * c : (l + 1) * c] * sh[d] for d, l in enumerate(_l_index(cfg.l_max))]
         return x, v
 
@@ -322,7 +298,7 @@ class AllegroLayer(nn.Module):
         # environment of the centre atom: Γ_i = Σ_k w(x_ik) Y(r̂_ik) / sqrt(<n>)
         w = MLP((*cfg.env_embed_mlp, n_l * c), last_bias=False, dtype=dt, name="env_embed")(x)
         w = w * edges.cut[:, None]
-        sh = _components(edges.sh)
+        sh = _sh_components(edges.sh)
         norm = jnp.sqrt(jnp.asarray(cfg.avg_num_neighbors, dt))
         gs = []
         for d, l in enumerate(_l_index(cfg.l_max)):
@@ -371,7 +347,9 @@ class EdgeEnergyReadout(nn.Module):
 # --------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------
-def atomic_energies(cfg: AllegroConfig, x: jax.Array, graph: Graph, n: int, edges) -> jax.Array:
+def atomic_energies(
+    cfg: AllegroConfig, x: jax.Array, graph: Graph, n: int, edges: EdgeInputs
+) -> jax.Array:
     """Edge-energy readout summed onto centre atoms, then per-species scale and shift (eV).
 
     Call from inside a compact ``__call__``: the submodules ("readout", "scale_shift") bind
@@ -396,11 +374,11 @@ class Allegro(nn.Module):
     config: AllegroConfig
 
     @nn.compact
-    def __call__(self, graph: Graph):
+    def __call__(self, graph: Graph) -> ModelOutput:
         cfg = self.config
         graph = cast_graph(graph, cfg.jnp_dtype)
         n = graph.n_nodes
-        edges = edge_inputs(cfg, graph)
+        edges = edge_inputs(graph, cfg)
         x, v = TwoBodyEmbedding(cfg, name="two_body")(
             graph.species, graph.senders, graph.receivers, edges
         )
@@ -418,11 +396,9 @@ __all__ = [
     "AllegroConfig",
     "AllegroLayer",
     "EdgeEnergyReadout",
-    "EdgeInputs",
     "TwoBodyEmbedding",
     "atomic_energies",
     "channelwise_tp",
-    "edge_inputs",
     "scalar_tp",
     "tp_plan",
 ]

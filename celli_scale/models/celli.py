@@ -37,19 +37,20 @@ import numpy as np
 
 from celli_scale import electrostatics as el
 from celli_scale import qeq
-from celli_scale.models import ModelOutput
 from celli_scale.models.allegro import (
     AllegroConfig,
     AllegroLayer,
     TwoBodyEmbedding,
     atomic_energies,
-    cast_graph,
-    edge_inputs,
 )
 from celli_scale.models.layers import (
     MLP,
+    EdgeInputs,
     Graph,
+    ModelOutput,
     SpeciesEmbedding,
+    cast_graph,
+    edge_inputs,
     scatter_sum,
 )
 
@@ -163,7 +164,7 @@ class ChargeEquilibration(nn.Module):
     config: CELLIConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, graph: Graph, edges, n_nodes: int):
+    def __call__(self, x: jax.Array, graph: Graph, edges: EdgeInputs, n_nodes: int):
         cfg = self.config
         dt = cfg.jnp_dtype
         ns = cfg.n_species
@@ -209,7 +210,7 @@ class ChargeFeedback(nn.Module):
     config: CELLIConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, q: jax.Array, graph: Graph, edges) -> jax.Array:
+    def __call__(self, x: jax.Array, q: jax.Array, graph: Graph, edges: EdgeInputs) -> jax.Array:
         cfg = self.config
         dt = cfg.jnp_dtype
         emb = SpeciesEmbedding(cfg.n_species, cfg.species_embed_dim, dtype=dt, name="species")(
@@ -235,7 +236,7 @@ class CELLI(nn.Module):
         cfg = self.config
         graph = cast_graph(graph, cfg.jnp_dtype)
         n = graph.n_nodes
-        edges = edge_inputs(cfg, graph)
+        edges = edge_inputs(graph, cfg)
         x, v = TwoBodyEmbedding(cfg, name="two_body")(
             graph.species, graph.senders, graph.receivers, edges
         )

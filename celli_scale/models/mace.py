@@ -37,9 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from celli_scale.models.config import ModelConfig
-from celli_scale.models.layers import MLP, Graph, PerSpeciesScaleShift, SpeciesEmbedding
-from celli_scale.models.nequip import (
+from celli_scale.models.layers import (
+    MLP,
+    EdgeInputs,
+    Graph,
+    ModelOutput,
+    PerSpeciesScaleShift,
     RadialWeights,
+    SpeciesEmbedding,
     channelwise_conv,
     conv_path_groups,
     edge_inputs,
@@ -82,11 +87,6 @@ class MACEConfig(ModelConfig):
             raise ValueError(
                 f"config readout_hidden must be a positive integer, got {self.readout_hidden!r}"
             )
-
-    @property
-    def receptive_field(self) -> float:
-        """Distance (Å) beyond which an atom cannot influence another: ``n_layers · r_cut``."""
-        return self.n_layers * self.r_cut
 
 
 def _sh_like(l_max: int, parity: bool) -> e3nn.Irreps:
@@ -194,7 +194,15 @@ class MACELayer(nn.Module):
     irreps_out: e3nn.Irreps  # full multiplicity output irreps
 
     @nn.compact
-    def __call__(self, h, species, onehot, y, basis, cutoff, senders, receivers):
+    def __call__(
+        self,
+        h: e3nn.IrrepsArray,
+        species: jax.Array,
+        onehot: jax.Array,
+        edges: EdgeInputs,
+        senders: jax.Array,
+        receivers: jax.Array,
+    ) -> e3nn.IrrepsArray:
         cfg = self.config
         c = cfg.channels
         a_irreps = _sh_like(cfg.l_max, cfg.parity)  # per channel
@@ -202,11 +210,11 @@ class MACELayer(nn.Module):
         if not self.first:
             sc = e3nn.flax.Linear(self.irreps_out, force_irreps_out=True, name="skip")(onehot, h)
         x = e3nn.flax.Linear(h.irreps, name="linear_up")(h).mul_to_axis(c)
-        groups = conv_path_groups(x.irreps, y.irreps, a_irreps)
+        groups = conv_path_groups(x.irreps, edges.sh.irreps, a_irreps)
         w = RadialWeights(cfg.radial_mlp, c, groups, dtype=cfg.jnp_dtype, name="radial")(
-            basis, cutoff
+            edges.basis, edges.cut
         )
-        m = channelwise_conv(x, y, w, senders, receivers, a_irreps).axis_to_mul()
+        m = channelwise_conv(x, edges.sh, w, senders, receivers, a_irreps).axis_to_mul()
         a = e3nn.flax.Linear(c * a_irreps, force_irreps_out=True, name="linear")(m)
         a = a / cfg.avg_num_neighbors
         if self.first:  # mace-torch RealAgnosticInteractionBlock: species-dependent skip_tp
@@ -227,13 +235,11 @@ class MACE(nn.Module):
     config: MACEConfig
 
     @nn.compact
-    def __call__(self, graph: Graph):
-        from celli_scale.models import ModelOutput  # registry module imports us lazily
-
+    def __call__(self, graph: Graph) -> ModelOutput:
         cfg = self.config
         dt = cfg.jnp_dtype
         c = cfg.channels
-        y, basis, cutoff = edge_inputs(graph, cfg)
+        edges = edge_inputs(graph, cfg)
         species = graph.species
         onehot = jax.nn.one_hot(species, cfg.n_species, dtype=dt)
 
@@ -245,7 +251,7 @@ class MACE(nn.Module):
             last = t == cfg.n_layers - 1
             out_irreps = e3nn.Irreps(f"{c}x0e") if last else hid
             h = MACELayer(cfg, t == 0, out_irreps, name=f"layer_{t}")(
-                h, species, onehot, y, basis, cutoff, graph.senders, graph.receivers
+                h, species, onehot, edges, graph.senders, graph.receivers
             )
             s = h.filter(keep=["0e"]).array
             if last:
