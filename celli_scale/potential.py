@@ -100,7 +100,10 @@ def energy_and_derivatives(
             return out.energy, out
         return jnp.sum(jnp.where(owned, out.node_energies, 0.0)), out
 
-    strain0 = jnp.zeros((3, 3), dtype)
+    # zero strain built from the graph's own cell, not a constant: under shard_map a
+    # replicated (unvarying) input's gradient is summed over the mesh axis, which gave
+    # every structure of a sharded batch the sum of all stresses
+    strain0 = jnp.zeros_like(graph.cell) * graph.cell
     argnums = (0, 1) if stress else (0,)
     (energy, out), grads = jax.value_and_grad(energy_fn, argnums=argnums, has_aux=True)(
         graph.positions, strain0
