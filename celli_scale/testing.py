@@ -42,6 +42,29 @@ __all__ = [
 ]
 
 
+def small_allegro_config(**overrides: Any) -> dict[str, Any]:
+    """A narrow Allegro config (Na, Cl; r_cut 3.5 Å, 4 channels, 2 layers, float64) that
+    compiles in seconds; ``overrides`` replace or add keys (e.g. ``name="celli"``)."""
+    cfg: dict[str, Any] = dict(
+        name="allegro",
+        r_cut=3.5,
+        l_max=2,
+        channels=4,
+        n_layers=2,
+        n_radial=4,
+        species=(11, 17),
+        radial_mlp=(16,),
+        latent_dim=16,
+        species_embed_dim=4,
+        latent_mlp=(16,),
+        edge_eng_mlp=(8,),
+        avg_num_neighbors=6.0,
+        dtype="float64",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
 def relative_error(a: Any, b: Any) -> float:
     """``max |a - b| / max |b|`` (``b`` is the reference)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)

@@ -20,31 +20,14 @@ from celli_scale.models.allegro import (
     scalar_tp,
     tp_plan,
 )
-from celli_scale.testing import assert_equivariant, orthogonal_matrix
+from celli_scale.testing import assert_equivariant, orthogonal_matrix, small_allegro_config
 
 SPECIES = (11, 17)
 R_CUT = 3.5
 
 
 def small_config(**kw) -> dict:
-    cfg = dict(
-        name="allegro",
-        r_cut=R_CUT,
-        l_max=2,
-        channels=4,
-        n_layers=2,
-        n_radial=4,
-        species=SPECIES,
-        radial_mlp=(16,),
-        latent_dim=16,
-        species_embed_dim=4,
-        latent_mlp=(16,),
-        edge_eng_mlp=(8,),
-        avg_num_neighbors=6.0,
-        dtype="float64",
-    )
-    cfg.update(kw)
-    return cfg
+    return small_allegro_config(r_cut=R_CUT, species=SPECIES, **kw)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,26 +14,12 @@ import pytest
 import celli_scale as cs
 from celli_scale.models import build
 from celli_scale.models.celli import CELLIConfig
-from celli_scale.testing import assert_forces_match_fd
+from celli_scale.testing import assert_forces_match_fd, small_allegro_config
 
 SPECIES = (11, 17)
 R_CUT = 3.5
-ALLEGRO = dict(
-    name="allegro",
-    r_cut=R_CUT,
-    l_max=1,  # short compile times; the l_max=2 tensor product is tested with Allegro
-    channels=4,
-    n_layers=2,
-    n_radial=4,
-    species=SPECIES,
-    radial_mlp=(16,),
-    latent_dim=16,
-    species_embed_dim=4,
-    latent_mlp=(16,),
-    edge_eng_mlp=(8,),
-    avg_num_neighbors=6.0,
-    dtype="float64",
-)
+# l_max=1: short compile times; the l_max=2 tensor product is tested with Allegro
+ALLEGRO = small_allegro_config(r_cut=R_CUT, species=SPECIES, l_max=1)
 CELLI = dict(
     ALLEGRO,
     name="celli",

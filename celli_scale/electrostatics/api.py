@@ -261,6 +261,15 @@ def _system_kernel(positions, cell, charges, sigma, params, neighbors, want):
     return _compute(positions, cell, q, sigma, mask, params, neighbors, want)
 
 
+def _on_system(system, charges, sigma, method, accuracy, params, neighbors, want):
+    """Cached parameters and list (host), then the one compiled System-level kernel."""
+    params, cell, neighbors = _system_state(
+        system, charges, sigma, method, accuracy, params, neighbors
+    )
+    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
+    return _system_kernel(*args, want)
+
+
 def energy(
     system,
     charges: jax.Array,
@@ -292,11 +301,7 @@ def energy(
       >>> e = energy(system, q, method="ewald", accuracy=1e-8)
       >>> f = -jax.grad(lambda p: energy(system.replace(positions=p), q))(system.positions)
     """
-    params, cell, neighbors = _system_state(
-        system, charges, sigma, method, accuracy, params, neighbors
-    )
-    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
-    return _system_kernel(*args, "energy")
+    return _on_system(system, charges, sigma, method, accuracy, params, neighbors, "energy")
 
 
 def potential(
@@ -310,11 +315,7 @@ def potential(
     neighbors: NeighborList | None = None,
 ) -> jax.Array:
     """Potential ``φ_i = ∂E/∂q_i`` (V = eV/e) at every atom; see :func:`energy`."""
-    params, cell, neighbors = _system_state(
-        system, charges, sigma, method, accuracy, params, neighbors
-    )
-    args = (system.positions, cell, _arg(charges), _arg(sigma), params, neighbors)
-    return _system_kernel(*args, "phi")
+    return _on_system(system, charges, sigma, method, accuracy, params, neighbors, "phi")
 
 
 @partial(jax.jit, static_argnames=("stress",))
