@@ -33,6 +33,7 @@ Units: χ in eV/e (V), J in eV/e², σ in Å, charges in e, energy in eV.
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import Any
 
@@ -187,8 +188,9 @@ def _check_per_atom(name: str, x: Any, n: int, unit: str) -> None:
 def _check_inputs(n, chi, hardness, sigma, q0, tol, method) -> None:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    # any real number type (numpy scalars included), but not bool, NaN or inf
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < np.inf:
+        raise ValueError(f"tol must be a positive, finite number, got {tol!r}")
     _check_per_atom("chi", chi, n, "eV/e")
     _check_per_atom("hardness", hardness, n, "eV/e²")
     if sigma is not None:

@@ -54,12 +54,18 @@ def test_host_device_env_replaces_the_flag():
 
 def test_run_group_streams_lines_and_feeds_stdin():
     seen = []
-    code = "import sys; d = sys.stdin.read(); print('a', d); print('b', flush=True)"
+    # process 0 stays up for a while: memory is sampled every poll_s, and a process that
+    # ends before the first sample has no peak to report
+    code = (
+        "import sys, time; d = sys.stdin.read(); print('a', d); print('b', flush=True); "
+        "time.sleep(1.0)"
+    )
     r = launch.run_group(
         [[PY, "-c", code], [PY, "-c", "import sys; print('to log'); sys.exit(0)"]],
         stdin=["x", None],
         timeout_s=60,
         on_line=seen.append,
+        poll_s=0.1,
     )
     assert r.ok and r.returncodes == [0, 0] and not r.failed
     assert r.stdout_lines == ["a x", "b"] == seen

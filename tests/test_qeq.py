@@ -408,3 +408,15 @@ def test_second_order_force_loss_gradient():
     gc, gd = np.asarray(g(jnp.asarray(chi), "cg")), np.asarray(g(jnp.asarray(chi), "dense"))
     assert np.abs(gd).max() > 1e-3
     np.testing.assert_allclose(gc, gd, rtol=1e-7, atol=1e-9 * np.abs(gd).max())
+
+
+def test_tol_accepts_numpy_reals_and_refuses_bad_values():
+    # before: tol=np.float32(1e-8) was refused as "not a positive number"
+    s = cs.System([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], [11, 17])
+    chi, hard = np.array([0.0, 1.0]), np.array([20.0, 20.0])
+    r32 = qeq.solve(s, chi, hard, None, method="dense", tol=np.float32(1e-6))
+    r64 = qeq.solve(s, chi, hard, None, method="dense", tol=1e-6)
+    np.testing.assert_allclose(np.asarray(r32.charges), np.asarray(r64.charges), rtol=0, atol=0)
+    for bad in (True, float("nan"), float("inf"), -1.0, "1e-8"):
+        with pytest.raises(ValueError, match="tol must be a positive, finite number"):
+            qeq.solve(s, chi, hard, None, method="dense", tol=bad)
