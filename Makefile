@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-# Quick suite (tiny sizes, each benchmark once): a regression smoke test, 8-9 min on 2 cores.
+# Quick suite (tiny sizes, each benchmark once): a regression smoke test, 7-9 min on 2 cores.
 bench: $(STAMP)
 	$(BIN)/asv machine --yes --machine local >/dev/null
 	CELLI_BENCH_QUICK=1 $(BIN)/asv run --python=same --machine local --quick --show-stderr
