@@ -28,6 +28,7 @@ from flax import struct
 from celli_scale import models as models_mod
 from celli_scale.models import Graph, ModelConfig, ModelOutput
 from celli_scale.neighbors import neighbor_list
+from celli_scale.strain import energy_forces_stress
 from celli_scale.system import Batch, System
 
 #: File in a saved potential's directory holding the model config.
@@ -90,26 +91,16 @@ def energy_and_derivatives(
       (``-∂E/∂r``, through the Qeq solve for CELLI by implicit differentiation), stress
       ``(3, 3)`` eV/Å³ ``(1/V) ∂E/∂ε`` or None, and the model's :class:`ModelOutput`.
     """
-    dtype = graph.positions.dtype
 
-    def energy_fn(positions, strain):
-        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
-        g = graph.replace(positions=positions @ deform, cell=graph.cell @ deform)
-        out: ModelOutput = model.apply(params, g)
+    def energy_fn(positions, cell):
+        out: ModelOutput = model.apply(params, graph.replace(positions=positions, cell=cell))
         if owned is None:
             return out.energy, out
         return jnp.sum(jnp.where(owned, out.node_energies, 0.0)), out
 
-    # zero strain built from the graph's own cell, not a constant: under shard_map a
-    # replicated (unvarying) input's gradient is summed over the mesh axis, which gave
-    # every structure of a sharded batch the sum of all stresses
-    strain0 = jnp.zeros_like(graph.cell) * graph.cell
-    argnums = (0, 1) if stress else (0,)
-    (energy, out), grads = jax.value_and_grad(energy_fn, argnums=argnums, has_aux=True)(
-        graph.positions, strain0
+    (energy, out), forces, virial = energy_forces_stress(
+        energy_fn, graph.positions, graph.cell, stress=stress, has_aux=True
     )
-    forces = -grads[0]
-    virial = grads[1] / jnp.abs(jnp.linalg.det(graph.cell)) if stress else None
     return energy, forces, virial, out
 
 

@@ -24,6 +24,7 @@ from celli_scale.electrostatics import cache, direct, ewald, pme
 from celli_scale.electrostatics.limits import check_real, memory_limit
 from celli_scale.electrostatics.params import ElectrostaticsParams, validate_sigma
 from celli_scale.neighbors import NeighborList, neighbor_list
+from celli_scale.strain import energy_forces_stress
 
 # peak bytes per (atom, atom, image) element of the dense in-jit real-space sum with
 # gradients (vector, distance, kernel, masks and their cotangents)
@@ -322,20 +323,11 @@ def potential(
 def _energy_forces(positions, cell, charges, sigma, params, neighbors, stress):
     """One compiled energy-and-gradient kernel (strain derivative when ``stress``)."""
     positions, cell, q, sigma, mask = _inputs(positions, cell, charges, sigma, params, None)
-    dtype = positions.dtype
 
-    def e_fn(pos, strain):
-        c = cell
-        if stress:
-            deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
-            pos, c = pos @ deform, cell @ deform
+    def e_fn(pos, c):
         return _compute(pos, c, q, sigma, mask, params, neighbors, "energy")
 
-    strain0 = jnp.zeros((3, 3), dtype)
-    e, g = jax.value_and_grad(e_fn, argnums=(0, 1) if stress else 0)(positions, strain0)
-    if stress:
-        return e, -g[0], g[1] / jnp.abs(jnp.linalg.det(cell))
-    return e, -g, None
+    return energy_forces_stress(e_fn, positions, cell, stress=stress)
 
 
 def energy_and_forces(
