@@ -1,0 +1,491 @@
+"""``ShardedPotential``: a potential evaluated over a spatial domain decomposition.
+
+``sp = ShardedPotential(pot, devices=8)`` cuts space into bricks over a device mesh
+(:func:`celli_scale.distributed.domains.decompose`), brings each device its ghosts by the
+halo exchange (:mod:`celli_scale.distributed.halo`, ``ppermute`` inside ``jax.shard_map``)
+and evaluates the model's own ``apply`` on each brick's sub-bricks one after another
+(``chunks=K``: peak memory follows the sub-brick, not the system). Per sub-brick it takes
+the owned atoms' energy and its gradient on owned and ghost entries; the reverse exchange
+sums the ghosts' contributions into their owners. ``sp(system)`` returns the same fields
+as ``pot(system)`` (energy, forces, stress, per-atom energies, in the system's order).
+
+Strictly local models (Allegro) evaluate only edges centred on owned atoms; message
+passing (NequIP, MACE) evaluates edges centred on every atom within
+``(n_layers − 1) × r_cut`` (+ skin) of the sub-brick, the layers the receptive field needs.
+
+Decompositions are reused while no atom moved more than half the skin (Verlet's rule:
+the halo and the pair lists hold a skin), so an MD loop calls ``sp.update(positions)``
+cheaply; beyond it, or when the cell, the atom count or the species change, space is cut
+again (atoms migrate to the brick they are now in). Array capacities only grow, so the
+compiled program is reused until a decomposition needs more room; then the capacities
+grow (never an atom dropped) and :attr:`stats` counts it.
+
+Stress ``(1/V) ∂E/∂ε`` comes from the virial ``Σ x ⊗ ∂E/∂x`` over every sub-brick's
+nodes at their image positions (exact: ghosts are images of owned atoms shifted by cell
+rows, so a strain moves them together).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from celli_scale import cell as cellmod
+from celli_scale.distributed import domains, halo
+from celli_scale.models import Graph
+from celli_scale.potential import Potential, PotentialOutput
+from celli_scale.system import System
+
+
+@dataclass
+class ShardStats:
+    """What the last decomposition looks like and what it cost.
+
+    Attributes:
+      mesh_shape: bricks per axis; chunk_shape: sub-bricks per brick per axis.
+      halo: ghost width (Å, skin included).
+      owned, ghosts, edges: ``(S,)`` per shard (edges: real pairs in its sub-bricks).
+      owned_max_over_mean: load imbalance (1 = perfect).
+      ghosts_per_owned: all ghosts / all owned atoms.
+      bytes_per_exchange: bytes one forward position exchange moves (padded blocks, all
+        shards; the force exchange moves the same).
+      stages: ``ppermute`` stages per exchange.
+      decompositions: how many times space was cut (the first included).
+      capacity_growths: decompositions that needed larger arrays (a recompilation).
+      migrated: atoms whose shard changed at the last re-decomposition.
+      capacities: the padded array sizes in use.
+    """
+
+    mesh_shape: tuple[int, int, int]
+    chunk_shape: tuple[int, int, int]
+    halo: float
+    owned: np.ndarray
+    ghosts: np.ndarray
+    edges: np.ndarray
+    owned_max_over_mean: float
+    ghosts_per_owned: float
+    bytes_per_exchange: int
+    stages: int
+    decompositions: int = 0
+    capacity_growths: int = 0
+    migrated: int = 0
+    capacities: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few lines for humans (the CLI prints them)."""
+        mesh = "x".join(map(str, self.mesh_shape))
+        chunks = "x".join(map(str, self.chunk_shape))
+        return "\n".join(
+            [
+                f"mesh {mesh} ({len(self.owned)} shards), sub-bricks per shard {chunks}, "
+                f"halo {self.halo:.2f} Å, {self.stages} exchange stages",
+                f"owned atoms per shard: min {self.owned.min()}, max {self.owned.max()}, "
+                f"max/mean {self.owned_max_over_mean:.3f}",
+                f"ghosts per owned atom: {self.ghosts_per_owned:.3f}; edges per shard: "
+                f"max {self.edges.max()}",
+                f"bytes per halo exchange: {self.bytes_per_exchange / 2**20:.3f} MiB "
+                "(forward; the force exchange moves the same)",
+                f"decompositions: {self.decompositions} (capacity growths "
+                f"{self.capacity_growths}, atoms migrated last time {self.migrated})",
+            ]
+        )
+
+
+def _mesh_shape(shape: Any) -> tuple[int, int, int]:
+    try:
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}") from None
+    if not 1 <= len(dims) <= 3 or min(dims) < 1:
+        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}")
+    return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
+
+
+def _devices(n: int) -> list[Any]:
+    have = jax.devices()
+    if n > len(have):
+        raise ValueError(
+            f"the decomposition needs {n} devices but JAX sees {len(have)} "
+            f"({have[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_"
+            f"count={n} before JAX starts (the celli-scale run command does this)"
+        )
+    return have[:n]
+
+
+class ShardedPotential:
+    """A :class:`celli_scale.Potential` evaluated over a domain decomposition.
+
+    Args:
+      pot: the potential (Allegro, NequIP or MACE; CELLI's global charge equilibration
+        needs the distributed Qeq and is refused for now).
+      devices: number of devices (the mesh is then chosen per structure to make bricks
+        as cubic as possible). Default 1.
+      mesh: a ``jax.sharding.Mesh`` of 1 to 3 axes; its axes cut frame axes 0, 1, 2.
+      mesh_shape: bricks per axis, e.g. ``(2, 2, 2)`` (1 to 3 numbers), on the first
+        devices JAX lists.
+      chunks: sub-bricks per device, evaluated one after another.
+      skin: extra halo and pair-list width (Å); a decomposition is reused while atoms
+        move less than half of it.
+      capacities: starting array sizes (``{"owned", "nodes", "edges", "stages"}``);
+        they grow when a decomposition needs more.
+      capacity_growth: head-room factor when a capacity grows.
+      progress: show a progress bar while cutting space.
+
+    Example:
+      >>> sp = ShardedPotential(pot, devices=4, chunks=2)   # doctest: +SKIP
+      >>> out = sp(system); out.energy, out.forces, sp.stats.summary()
+    """
+
+    def __init__(
+        self,
+        pot: Potential,
+        *,
+        devices: int | None = None,
+        mesh: Mesh | None = None,
+        mesh_shape: Any = None,
+        chunks: int = 1,
+        skin: float = domains.SKIN,
+        capacities: dict[str, Any] | None = None,
+        capacity_growth: float = 1.2,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(pot, Potential):
+            raise ValueError(f"ShardedPotential needs a Potential, got {type(pot).__name__}")
+        if pot.is_charge_model:
+            raise NotImplementedError(
+                f"{pot.config.name}: the sharded path does not yet solve the charge "
+                "equilibration across devices (the distributed Qeq); evaluate it with "
+                "Potential, or shard Allegro, NequIP or MACE"
+            )
+        if sum(x is not None for x in (devices, mesh, mesh_shape)) > 1:
+            raise ValueError("give one of devices=, mesh= or mesh_shape=")
+        if isinstance(chunks, bool) or not isinstance(chunks, int | np.integer) or chunks < 1:
+            raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+        if not (isinstance(skin, int | float) and math.isfinite(skin) and skin >= 0):
+            raise ValueError(f"skin must be a finite number of Å ≥ 0, got {skin!r}")
+        self.pot = pot
+        self.chunks = int(chunks)
+        self.skin = float(skin)
+        self.capacity_growth = float(capacity_growth)
+        self.progress = bool(progress)
+        self._fixed_shape: tuple[int, int, int] | None = None
+        self._n_devices = 1
+        if mesh is not None:
+            if not isinstance(mesh, Mesh) or mesh.devices.ndim > 3:
+                raise ValueError("mesh must be a jax.sharding.Mesh with 1 to 3 axes")
+            self._fixed_shape = _mesh_shape(mesh.devices.shape)
+            self._device_list = list(mesh.devices.flat)
+            self._n_devices = len(self._device_list)
+        else:
+            if mesh_shape is not None:
+                self._fixed_shape = _mesh_shape(mesh_shape)
+                self._n_devices = int(np.prod(self._fixed_shape))
+            elif devices is not None:
+                if isinstance(devices, bool) or not isinstance(devices, int | np.integer):
+                    raise ValueError(f"devices must be a positive integer, got {devices!r}")
+                if devices < 1:
+                    raise ValueError(f"devices must be a positive integer, got {devices!r}")
+                self._n_devices = int(devices)
+            self._device_list = _devices(self._n_devices)
+        cfg = pot.config
+        self.halo = cfg.receptive_field + self.skin
+        self.reach = cfg.receptive_field - cfg.r_cut
+        self._caps: dict[str, Any] = dict(capacities or {})
+        self._plan: domains.Decomposition | None = None
+        self._arrays: Any = None
+        self._key: tuple | None = None
+        self._system: System | None = None
+        self._fns: dict[tuple, Any] = {}
+        self._shard_of: np.ndarray | None = None
+        self.stats: ShardStats | None = None
+        self._n_decomp = 0
+        self._n_growth = 0
+
+    # -- delegation ---------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.pot.config
+
+    @property
+    def params(self):
+        return self.pot.params
+
+    @property
+    def model(self):
+        return self.pot.model
+
+    @property
+    def is_charge_model(self) -> bool:
+        return False
+
+    @property
+    def decomposition(self) -> domains.Decomposition | None:
+        """The decomposition in use (None before the first call)."""
+        return self._plan
+
+    # -- decomposition ------------------------------------------------------------------
+    def decompose(self, system: System) -> domains.Decomposition:
+        """Cut ``system``'s space again (atoms migrate to the bricks they are in now)."""
+        if not isinstance(system, System):
+            raise ValueError(f"expected a System, got {type(system).__name__}")
+        self.pot.species_index(system.species)  # unknown species: a clear error first
+        shape = self._fixed_shape or domains.mesh_for(
+            self._n_devices, domains.frame_of(system).spacing
+        )
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=3, desc="decomposing", unit="phase", leave=False)
+
+        def tick(name: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(name)
+                bar.update(1)
+
+        before = dict(self._caps)
+        plan = domains.decompose(
+            system,
+            shape,
+            halo=self.halo,
+            reach=self.reach,
+            r_cut=self.config.r_cut,
+            skin=self.skin,
+            chunks=self.chunks,
+            species_map=self.pot.species_index,
+            capacities=self._caps,
+            growth=self.capacity_growth,
+            progress=tick,
+        )
+        if bar is not None:
+            bar.close()
+        self._n_decomp += 1
+        caps = plan.capacities
+        if before and any(caps[k] != before.get(k) for k in ("owned", "nodes", "edges")) | (
+            tuple(caps["stages"]) != tuple(before.get("stages", ()))
+        ):
+            self._n_growth += 1
+        self._caps = caps
+        shard_of = np.full(system.n_atoms, -1)
+        for s in range(plan.n_shards):
+            ids = plan.owned_ids[s]
+            shard_of[ids[ids >= 0]] = s
+        if np.any(shard_of < 0):  # a dropped atom would be a bug in decompose
+            raise RuntimeError(f"decomposition lost atoms {np.flatnonzero(shard_of < 0)[:5]}")
+        migrated = 0
+        if self._shard_of is not None and self._shard_of.shape == shard_of.shape:
+            migrated = int(np.sum(self._shard_of != shard_of))
+        self._shard_of = shard_of
+        self._plan = plan
+        self._system = system
+        self._raw = np.asarray(system.positions, dtype=float).copy()
+        self._key = (
+            system.n_atoms,
+            tuple(np.asarray(system.species).tolist()),
+            None if system.cell is None else np.asarray(system.cell, float).tobytes(),
+            tuple(system.pbc),
+        )
+        self._arrays = self._device_arrays(plan)
+        owned, ghosts = plan.n_owned(), plan.n_ghost()
+        self.stats = ShardStats(
+            mesh_shape=plan.mesh_shape,
+            chunk_shape=plan.chunk_shape,
+            halo=plan.halo,
+            owned=owned,
+            ghosts=ghosts,
+            edges=plan.edge_mask.sum(axis=(1, 2)),
+            owned_max_over_mean=float(owned.max() / max(owned.mean(), 1e-300)),
+            ghosts_per_owned=float(ghosts.sum() / max(owned.sum(), 1)),
+            bytes_per_exchange=halo.bytes_per_exchange(
+                plan, itemsize=np.dtype(self.config.dtype).itemsize
+            ),
+            stages=len(plan.stages),
+            decompositions=self._n_decomp,
+            capacity_growths=self._n_growth,
+            migrated=migrated,
+            capacities=caps,
+        )
+        return plan
+
+    def _mesh(self, shape: tuple[int, int, int]) -> Mesh:
+        return Mesh(np.asarray(self._device_list, dtype=object).reshape(shape), halo.MESH_AXES)
+
+    def _device_arrays(self, plan: domains.Decomposition) -> Any:
+        sharding = NamedSharding(self._mesh(plan.mesh_shape), P(halo.MESH_AXES))
+        send_idx, send_mask, wrap = halo.stage_arrays(plan.stages)
+        host = {
+            "send_idx": send_idx,
+            "send_mask": send_mask,
+            "wrap": wrap,
+            "sub": (
+                plan.sub_idx,
+                plan.sub_mask,
+                plan.sub_owned,
+                plan.sub_species,
+                plan.senders,
+                plan.receivers,
+                plan.edge_mask,
+            ),
+        }
+        return jax.device_put(host, sharding)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def _needs_decomposition(self, system: System) -> tuple[bool, np.ndarray | None]:
+        """Whether ``system`` needs a new decomposition; else its owned positions."""
+        if self._plan is None:
+            return True, None
+        key = (
+            system.n_atoms,
+            tuple(np.asarray(system.species).tolist()),
+            None if system.cell is None else np.asarray(system.cell, float).tobytes(),
+            tuple(system.pbc),
+        )
+        if key != self._key:
+            return True, None
+        disp = np.asarray(system.positions, dtype=float) - self._raw
+        pbc = np.asarray(system.pbc, dtype=bool)
+        if pbc.any():
+            cell = np.asarray(system.cell, dtype=float)
+            full = cellmod.complete_cell(cell, pbc)
+            d = np.linalg.solve(full.T, disp.T).T
+            d = np.where(pbc, d - np.round(d), d)
+            disp = d @ full
+        if not np.all(np.isfinite(disp)):
+            raise ValueError("positions contain NaN or inf")
+        if np.max(np.linalg.norm(disp, axis=1), initial=0.0) > 0.5 * self.skin:
+            return True, None
+        return False, self._plan.positions + disp
+
+    def update(self, positions: Any) -> PotentialOutput:
+        """Evaluate the last structure at new ``positions`` (Å, ``(N, 3)``), reusing its
+        decomposition while every atom moved less than half the skin."""
+        if self._system is None:
+            raise ValueError("update() needs a first call sp(system)")
+        return self(self._system.replace(positions=np.asarray(positions, dtype=float)))
+
+    def __call__(self, system: System) -> PotentialOutput:
+        if self.params is None:
+            raise ValueError("Potential has no parameters")
+        if not isinstance(system, System):
+            raise ValueError(f"ShardedPotential evaluates one System, got {type(system).__name__}")
+        redo, pos = self._needs_decomposition(system)
+        if redo:
+            self.decompose(system)
+            pos = self._plan.positions
+        else:
+            self._system = system
+        plan = self._plan
+        dtype = self.config.jnp_dtype
+        own = np.zeros((*plan.owned_ids.shape, 3))
+        ok = plan.owned_ids >= 0
+        own[ok] = pos[plan.owned_ids[ok]]
+        mesh = self._mesh(plan.mesh_shape)
+        own = jax.device_put(jnp.asarray(own, dtype), NamedSharding(mesh, P(halo.MESH_AXES)))
+        cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, float)
+        pbc = np.asarray(system.pbc, dtype=bool)
+        cell = np.where(pbc[:, None], cell, 0.0)  # open axes never shift an image
+        fn = self._function(plan)
+        cell_j = jnp.asarray(cell, dtype)
+        forces, node_e, energy, virial = fn(self.params, cell_j, own, self._arrays)
+        forces = np.asarray(forces)
+        node_e = np.asarray(node_e)
+        n = system.n_atoms
+        f_out = np.zeros((n, 3), forces.dtype)
+        e_out = np.zeros(n, node_e.dtype)
+        f_out[plan.owned_ids[ok]] = forces[ok]
+        e_out[plan.owned_ids[ok]] = node_e[ok]
+        stress = None
+        if pbc.all():
+            vol = abs(np.linalg.det(cell))
+            if vol > 0:
+                v = np.asarray(virial)
+                stress = jnp.asarray(0.5 * (v + v.T) / vol, dtype)
+        return PotentialOutput(
+            energy=jnp.asarray(energy),
+            forces=jnp.asarray(f_out),
+            stress=stress,
+            node_energies=jnp.asarray(e_out),
+        )
+
+    def _function(self, plan: domains.Decomposition):
+        specs = halo.stage_specs(plan.stages)
+        c_own = int(plan.owned_ids.shape[1])
+        n_buf = int(plan.buffer_ids.shape[1])
+        key = (plan.mesh_shape, specs, c_own, n_buf, plan.sub_idx.shape, plan.senders.shape)
+        if key not in self._fns:
+            self._fns[key] = self._build(plan.mesh_shape, specs, c_own, n_buf)
+        return self._fns[key]
+
+    def _build(self, mesh_shape, specs, c_own: int, n_buf: int):
+        model = self.model
+        rc2 = float(self.config.r_cut) ** 2
+        dtype = self.config.jnp_dtype
+
+        def chunk_energy(params, x, sub):
+            _, nmask, owned, species, snd, rcv, emask = sub
+            vec = x[rcv] - x[snd]
+            em = emask & (jnp.sum(vec * vec, axis=-1) < rc2)
+            graph = Graph(
+                positions=x,
+                species=species,
+                node_mask=nmask,
+                cell=jnp.zeros((3, 3), dtype),
+                total_charge=jnp.zeros((), dtype),
+                senders=snd,
+                receivers=rcv,
+                shifts=jnp.zeros((snd.shape[0], 3), dtype),
+                edge_mask=em,
+            )
+            out = model.apply(params, graph)
+            return jnp.sum(jnp.where(owned, out.node_energies, 0.0)), out.node_energies
+
+        def shard_fn(params, cell, own, arrays):
+            own = own[0]
+            arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+            buf = halo.forward(own, n_buf, specs, arrays["send_idx"], arrays["wrap"], cell)
+
+            def body(carry, sub):
+                gbuf, e_sum, vir, node_e = carry
+                idx, nmask, owned = sub[0], sub[1], sub[2]
+                x = buf[idx]
+                (e, ne), g = jax.value_and_grad(chunk_energy, argnums=1, has_aux=True)(
+                    params, x, sub
+                )
+                g = jnp.where(nmask[:, None], g, 0.0)
+                gbuf = gbuf.at[idx].add(g)
+                vir = vir + jnp.where(nmask[:, None], x, 0.0).T @ g
+                node_e = node_e.at[jnp.where(owned, idx, c_own)].add(ne, mode="drop")
+                return (gbuf, e_sum + e, vir, node_e), None
+
+            init = (
+                jnp.zeros((n_buf, 3), dtype),
+                jnp.zeros((), dtype),
+                jnp.zeros((3, 3), dtype),
+                jnp.zeros((c_own,), dtype),
+            )
+            (gbuf, energy, virial, node_e), _ = jax.lax.scan(body, init, arrays["sub"])
+            grad = halo.reverse(gbuf, c_own, specs, arrays["send_idx"], arrays["send_mask"])
+            energy = jax.lax.psum(energy, halo.MESH_AXES)
+            virial = jax.lax.psum(virial, halo.MESH_AXES)
+            return -grad[None], node_e[None], energy, virial
+
+        spec = P(halo.MESH_AXES)
+        fn = jax.shard_map(
+            shard_fn,
+            mesh=self._mesh(mesh_shape),
+            in_specs=(P(), P(), spec, spec),
+            out_specs=(spec, spec, P(), P()),
+            # the models' flax internals carry values not marked as varying over the mesh
+            check_vma=False,
+        )
+        return jax.jit(fn)
+
+
+__all__ = ["ShardStats", "ShardedPotential"]
