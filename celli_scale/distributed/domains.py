@@ -272,6 +272,10 @@ class Decomposition:
         the sub-brick's owned atoms (and, for message passing, on nodes within ``reach``).
       positions: ``(N, 3)`` wrapped reference positions the plan was built for (Å).
       offsets: ``(N, 3)`` integer cells subtracted when wrapping.
+      cut_capacity: edges a sub-brick evaluates: its pairs within ``r_cut`` itself
+        (+ head-room), compacted on the device from the ``r_cut + skin`` list, so the skin
+        costs no model work; more pairs than this while atoms move is an overflow the
+        caller answers with a larger capacity.
     """
 
     frame: Frame
@@ -294,6 +298,7 @@ class Decomposition:
     edge_mask: np.ndarray
     positions: np.ndarray
     offsets: np.ndarray
+    cut_capacity: int
 
     @property
     def n_shards(self) -> int:
@@ -308,6 +313,7 @@ class Decomposition:
             "stages": tuple(s.capacity for s in self.stages),
             "nodes": int(self.sub_idx.shape[2]),
             "edges": int(self.senders.shape[2]),
+            "cut_edges": int(self.cut_capacity),
         }
 
     def n_owned(self) -> np.ndarray:
@@ -548,7 +554,7 @@ def decompose(
     h_sub = hfrac * n_mesh * k_arr
     reach_sub = ((reach + skin) / frame.spacing) * n_mesh * k_arr
     list_cut = float(r_cut) + float(skin)
-    max_nodes = max_edges = 1
+    max_nodes = max_edges = max_cut = 1
     for s in range(n_shards):
         valid = np.flatnonzero(buffer_ids[s] >= 0)
         u = (buffer_frac[s, valid] - coords[s] / n_mesh) * n_mesh * k_arr
@@ -579,12 +585,17 @@ def decompose(
             snd = np.concatenate([pairs[:, 0], pairs[:, 1]])
             rcv = np.concatenate([pairs[:, 1], pairs[:, 0]])
             keep = centre[snd]
-            rows.append((bidx, is_own, snd[keep], rcv[keep]))
+            snd, rcv = snd[keep], rcv[keep]
+            d = x[rcv] - x[snd]
+            max_cut = max(max_cut, int(np.sum(np.sum(d * d, axis=1) < float(r_cut) ** 2)))
+            rows.append((bidx, is_own, snd, rcv))
             max_nodes = max(max_nodes, len(bidx))
-            max_edges = max(max_edges, int(keep.sum()))
+            max_edges = max(max_edges, len(snd))
         per_sub.append(rows)
     n_cap = _grow(max_nodes, caps.get("nodes", 0), growth)
     e_cap = _grow(max_edges, caps.get("edges", 0), growth)
+    # pairs within r_cut itself: the device compacts the (r_cut + skin) list to these
+    cut_cap = min(_grow(max_cut, caps.get("cut_edges", 0), growth), e_cap)
     shape = (n_shards, n_sub)
     sub_idx = np.zeros((*shape, n_cap), np.int32)
     sub_mask = np.zeros((*shape, n_cap), bool)
@@ -608,7 +619,7 @@ def decompose(
     return Decomposition(
         frame, mesh_shape, float(halo), float(reach), float(skin), float(r_cut), chunk_shape,
         owned_ids, buffer_ids, buffer_shift, stages, sub_idx, sub_mask, sub_owned,
-        sub_species, senders, receivers, edge_mask, pos, offsets,
+        sub_species, senders, receivers, edge_mask, pos, offsets, cut_capacity=cut_cap,
     )  # fmt: skip
 
 

@@ -108,6 +108,15 @@ def _mesh_shape(shape: Any) -> tuple[int, int, int]:
     return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
 
 
+def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether a decomposition needed larger arrays than ``before`` (a recompilation)."""
+    keys = ("owned", "nodes", "edges", "cut_edges")
+    if any(k in before and after[k] > before[k] for k in keys):
+        return True
+    old, new = tuple(before.get("stages", ())), tuple(after["stages"])
+    return len(old) == len(new) and any(b > a for a, b in zip(old, new, strict=True))
+
+
 def _devices(n: int) -> list[Any]:
     have = jax.devices()
     if n > len(have):
@@ -133,7 +142,7 @@ class ShardedPotential:
       chunks: sub-bricks per device, evaluated one after another.
       skin: extra halo and pair-list width (Å); a decomposition is reused while atoms
         move less than half of it.
-      capacities: starting array sizes (``{"owned", "nodes", "edges", "stages"}``);
+      capacities: starting array sizes (``{"owned", "nodes", "edges", "cut_edges", "stages"}``);
         they grow when a decomposition needs more.
       capacity_growth: head-room factor when a capacity grows.
       progress: show a progress bar while cutting space.
@@ -207,6 +216,8 @@ class ShardedPotential:
         self.stats: ShardStats | None = None
         self._n_decomp = 0
         self._n_growth = 0
+        self._params_key: tuple | None = None
+        self._params_dev: Any = None
 
     # -- delegation ---------------------------------------------------------------------
     @property
@@ -268,9 +279,7 @@ class ShardedPotential:
             bar.close()
         self._n_decomp += 1
         caps = plan.capacities
-        if before and any(caps[k] != before.get(k) for k in ("owned", "nodes", "edges")) | (
-            tuple(caps["stages"]) != tuple(before.get("stages", ()))
-        ):
+        if _grew(before, caps):
             self._n_growth += 1
         self._caps = caps
         shard_of = np.full(system.n_atoms, -1)
@@ -391,9 +400,23 @@ class ShardedPotential:
         cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, float)
         pbc = np.asarray(system.pbc, dtype=bool)
         cell = np.where(pbc[:, None], cell, 0.0)  # open axes never shift an image
-        fn = self._function(plan)
         cell_j = jnp.asarray(cell, dtype)
-        forces, node_e, energy, virial = fn(self.params, cell_j, own, self._arrays)
+        while True:
+            fn = self._function(plan)
+            params = self._replicated_params(mesh)
+            forces, node_e, energy, virial, n_max = fn(params, cell_j, own, self._arrays)
+            need = int(n_max)
+            if need <= plan.cut_capacity:
+                break
+            # more pairs within r_cut than the compacted list holds (atoms moved closer):
+            # grow it and evaluate again, never a missing pair
+            plan.cut_capacity = min(
+                max(int(math.ceil(need * self.capacity_growth)), need), plan.senders.shape[2]
+            )
+            self._caps = plan.capacities
+            self._n_growth += 1
+            self.stats.capacity_growths = self._n_growth
+            self.stats.capacities = self._caps
         forces = np.asarray(forces)
         node_e = np.asarray(node_e)
         n = system.n_atoms
@@ -414,16 +437,26 @@ class ShardedPotential:
             node_energies=jnp.asarray(e_out),
         )
 
+    def _replicated_params(self, mesh: Mesh) -> Any:
+        """The parameters on every device of ``mesh`` (a loaded potential's live on one
+        device; jit refuses to mix them with arrays on the others). Cached per params object."""
+        key = (id(self.params), mesh.devices.shape)
+        if self._params_key != key:
+            self._params_dev = jax.device_put(self.params, NamedSharding(mesh, P()))
+            self._params_key = key
+        return self._params_dev
+
     def _function(self, plan: domains.Decomposition):
         specs = halo.stage_specs(plan.stages)
         c_own = int(plan.owned_ids.shape[1])
         n_buf = int(plan.buffer_ids.shape[1])
-        key = (plan.mesh_shape, specs, c_own, n_buf, plan.sub_idx.shape, plan.senders.shape)
+        cut = plan.cut_capacity
+        key = (plan.mesh_shape, specs, c_own, n_buf, plan.sub_idx.shape, plan.senders.shape, cut)
         if key not in self._fns:
-            self._fns[key] = self._build(plan.mesh_shape, specs, c_own, n_buf)
+            self._fns[key] = self._build(plan.mesh_shape, specs, c_own, n_buf, cut)
         return self._fns[key]
 
-    def _build(self, mesh_shape, specs, c_own: int, n_buf: int):
+    def _build(self, mesh_shape, specs, c_own: int, n_buf: int, cut_cap: int):
         model = self.model
         rc2 = float(self.config.r_cut) ** 2
         dtype = self.config.jnp_dtype
@@ -431,20 +464,25 @@ class ShardedPotential:
         def chunk_energy(params, x, sub):
             _, nmask, owned, species, snd, rcv, emask = sub
             vec = x[rcv] - x[snd]
-            em = emask & (jnp.sum(vec * vec, axis=-1) < rc2)
+            within = emask & (jnp.sum(vec * vec, axis=-1) < rc2)
+            # compact the (r_cut + skin) list to the pairs within r_cut: the skin then
+            # costs no model work (more pairs than cut_cap: reported, answered on the host)
+            count = jnp.sum(within, dtype=jnp.int32)
+            sel = jnp.nonzero(within, size=cut_cap, fill_value=0)[0]
             graph = Graph(
                 positions=x,
                 species=species,
                 node_mask=nmask,
                 cell=jnp.zeros((3, 3), dtype),
                 total_charge=jnp.zeros((), dtype),
-                senders=snd,
-                receivers=rcv,
-                shifts=jnp.zeros((snd.shape[0], 3), dtype),
-                edge_mask=em,
+                senders=snd[sel],
+                receivers=rcv[sel],
+                shifts=jnp.zeros((cut_cap, 3), dtype),
+                edge_mask=jnp.arange(cut_cap) < count,
             )
             out = model.apply(params, graph)
-            return jnp.sum(jnp.where(owned, out.node_energies, 0.0)), out.node_energies
+            energy = jnp.sum(jnp.where(owned, out.node_energies, 0.0))
+            return energy, (out.node_energies, count)
 
         def shard_fn(params, cell, own, arrays):
             own = own[0]
@@ -452,36 +490,38 @@ class ShardedPotential:
             buf = halo.forward(own, n_buf, specs, arrays["send_idx"], arrays["wrap"], cell)
 
             def body(carry, sub):
-                gbuf, e_sum, vir, node_e = carry
+                gbuf, e_sum, vir, node_e, n_max = carry
                 idx, nmask, owned = sub[0], sub[1], sub[2]
                 x = buf[idx]
-                (e, ne), g = jax.value_and_grad(chunk_energy, argnums=1, has_aux=True)(
+                (e, (ne, count)), g = jax.value_and_grad(chunk_energy, argnums=1, has_aux=True)(
                     params, x, sub
                 )
                 g = jnp.where(nmask[:, None], g, 0.0)
                 gbuf = gbuf.at[idx].add(g)
                 vir = vir + jnp.where(nmask[:, None], x, 0.0).T @ g
                 node_e = node_e.at[jnp.where(owned, idx, c_own)].add(ne, mode="drop")
-                return (gbuf, e_sum + e, vir, node_e), None
+                return (gbuf, e_sum + e, vir, node_e, jnp.maximum(n_max, count)), None
 
             init = (
                 jnp.zeros((n_buf, 3), dtype),
                 jnp.zeros((), dtype),
                 jnp.zeros((3, 3), dtype),
                 jnp.zeros((c_own,), dtype),
+                jnp.zeros((), jnp.int32),
             )
-            (gbuf, energy, virial, node_e), _ = jax.lax.scan(body, init, arrays["sub"])
+            (gbuf, energy, virial, node_e, n_max), _ = jax.lax.scan(body, init, arrays["sub"])
             grad = halo.reverse(gbuf, c_own, specs, arrays["send_idx"], arrays["send_mask"])
             energy = jax.lax.psum(energy, halo.MESH_AXES)
             virial = jax.lax.psum(virial, halo.MESH_AXES)
-            return -grad[None], node_e[None], energy, virial
+            n_max = jax.lax.pmax(n_max, halo.MESH_AXES)
+            return -grad[None], node_e[None], energy, virial, n_max
 
         spec = P(halo.MESH_AXES)
         fn = jax.shard_map(
             shard_fn,
             mesh=self._mesh(mesh_shape),
             in_specs=(P(), P(), spec, spec),
-            out_specs=(spec, spec, P(), P()),
+            out_specs=(spec, spec, P(), P(), P()),
             # the models' flax internals carry values not marked as varying over the mesh
             check_vma=False,
         )
