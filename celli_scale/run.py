@@ -13,7 +13,7 @@ comment line, ``forces`` as a column, as ASE writes them).
 
 Devices: on CPU, JAX sees one device unless ``XLA_FLAGS`` holds
 ``--xla_force_host_platform_device_count``; the command sets that flag itself (replacing a
-count already there) before JAX starts its backend, so ``--devices 8`` works on a laptop.
+smaller count already there) before JAX starts its backend, so ``--devices 8`` works on a laptop.
 The flag only concerns JAX's CPU backend: on a GPU (or another platform) the devices present
 are used, and too few is an error. When JAX's backend already started with too few CPU
 devices (something initialised it before the command ran), a ``celli-scale`` process
@@ -117,8 +117,12 @@ def parse_mesh(text: str | None, devices: int | None) -> tuple[tuple[int, ...] |
 
 
 def with_device_count(flags: str, n: int) -> str:
-    """``flags`` (an ``XLA_FLAGS`` value) with the host device count set to ``n``
-    (an existing count replaced, other flags kept)."""
+    """``flags`` (an ``XLA_FLAGS`` value) asking for at least ``n`` host devices: a count
+    already there of ``n`` or more is kept, a smaller or malformed one replaced, the other
+    flags kept."""
+    found = re.findall(rf"{_COUNT_FLAG}=(\S*)", flags)
+    if found and found[-1].isdigit() and int(found[-1]) >= n:
+        return flags
     kept = re.sub(rf"{_COUNT_FLAG}=\S*", "", flags).split()
     return " ".join([*kept, f"{_COUNT_FLAG}={n}"])
 
@@ -173,6 +177,12 @@ def replicate(params: Any, devices: list[Any]) -> Any:
 
     mesh = Mesh(np.asarray(devices, dtype=object), ("devices",))
     return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
+def _has_volume(system: Any) -> bool:
+    if system.cell is None or not all(system.pbc):
+        return False
+    return abs(float(np.linalg.det(np.asarray(system.cell, dtype=float)))) > 0
 
 
 def _timed(fn, *args):
@@ -234,8 +244,9 @@ def main(args: argparse.Namespace) -> int:
     frames = io.read(structure, index=args.frame, format=args.format)
     if len(frames) != 1:
         raise ValueError(f"{structure}: frame {args.frame} gives {len(frames)} frames")
-    frame = frames[0]
-    system = frame.system
+    system = frames[0].system
+    if args.stress and not _has_volume(system):
+        raise ValueError(f"{structure}: --stress needs a cell periodic on every axis with a volume")
     pot = Potential.load(model_dir)
     pot.params = replicate(pot.params, devices)
     kw: dict[str, Any] = (
@@ -249,8 +260,6 @@ def main(args: argparse.Namespace) -> int:
     out, t_first = _timed(sp, system)
     out, t_warm = _timed(sp, system)
     stress = None if out.stress is None else np.asarray(out.stress, dtype=float)
-    if args.stress and stress is None:
-        raise ValueError(f"{structure}: --stress needs a cell periodic on every axis with a volume")
 
     print(f"structure: {structure} (frame {args.frame}); model: {model_dir} ({pot.config.name})")
     print("\n".join(report_lines(out, system.n_atoms, stress)))
