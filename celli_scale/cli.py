@@ -6,6 +6,9 @@ Subcommands:
   cell/pbc of the first frame, total charges, labels present).
 * ``celli-scale demo [OPTIONS]``: run the main job on one CPU (:mod:`celli_scale.demo`).
 * ``celli-scale scale CONFIG [--out DIR]``: a scaling study (:mod:`celli_scale.study`).
+* ``celli-scale run STRUCTURE --model DIR [--devices N | --mesh A,B,C] [--chunks K]
+  [--skin S] [--frame I] [--out FILE] [--stress]``: energy, forces and stress of one
+  structure with a saved potential over a domain decomposition (:mod:`celli_scale.run`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from celli_scale import demo, study
+from celli_scale import demo, run, study
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _module_commands() -> dict[str, Any]:
     """Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``),
     by command name."""
-    return {"demo": demo, "scale": study}
+    return {"demo": demo, "scale": study, "run": run}
 
 
 def _fmt_charge(q: float) -> str:
