@@ -169,16 +169,6 @@ def ensure_devices(n: int) -> list[Any]:
     raise ValueError(f"{n} devices asked for, but JAX sees {len(have)} ({platform})")
 
 
-def replicate(params: Any, devices: list[Any]) -> Any:
-    """``params`` copied onto every one of ``devices``. A loaded checkpoint's arrays are
-    committed to the first device, which the sharded program (on all of them) refuses."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.asarray(devices, dtype=object), ("devices",))
-    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-
-
 def _has_volume(system: Any) -> bool:
     if system.cell is None or not all(system.pbc):
         return False
@@ -235,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     structure = Path(args.structure)
     if not structure.is_file():
         raise ValueError(f"{structure}: no such structure file")
-    devices = ensure_devices(n_devices)  # before anything starts JAX's backend
+    ensure_devices(n_devices)  # before anything starts JAX's backend
 
     from celli_scale import io
     from celli_scale.distributed.sharded import ShardedPotential
@@ -248,7 +238,6 @@ def main(args: argparse.Namespace) -> int:
     if args.stress and not _has_volume(system):
         raise ValueError(f"{structure}: --stress needs a cell periodic on every axis with a volume")
     pot = Potential.load(model_dir)
-    pot.params = replicate(pot.params, devices)
     kw: dict[str, Any] = (
         {"mesh_shape": mesh_shape} if mesh_shape is not None else {"devices": n_devices}
     )
