@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -244,13 +244,14 @@ MESHES = [(1, 1, 1), (2, 1, 1), (1, 1, 2), (4, 1, 1), (2, 2, 1), (1, 2, 2), (1, 
     deadline=None,
     derandomize=True,
     database=None,
+    phases=(Phase.explicit, Phase.generate),  # no shrinking: every example compiles
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
     mesh_shape=st.sampled_from(MESHES),
     chunks=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
-    rattle=st.floats(0.0, 0.2),
+    rattle=st.floats(0.03, 0.2),  # a perfect grid has zero forces by symmetry
 )
 def test_property_sharded_equals_single_device(pots, sharded, mesh_shape, chunks, seed, rattle):
     base = nacl_grid(4, A, rattle, seed)
@@ -429,10 +430,12 @@ def _verlet(system: cs.System, forces, steps: int, dt: float, temperature: float
     return x
 
 
+@pytest.mark.slow
 def test_md_through_update_follows_single_device(pots, refs, sharded):
     pot = pots["allegro"]
     system, _ = refs("allegro", "ortho")
-    sp = sharded("allegro", (4, 1, 1), 1)
+    # head-room 3: at the default 1.2 the hot run grows capacities (recompiles) 9 times
+    sp = ShardedPotential(pot, mesh_shape=(4, 1, 1), capacity_growth=3.0)
     sp(system)
     n0 = sp.stats.decompositions
     seen = {"migrated": 0, "owned_ok": True}
