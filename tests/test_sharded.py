@@ -102,10 +102,19 @@ def sharded(pots):
     """ShardedPotentials cached per (model, mesh_shape, chunks): compilation dominates."""
     cache: dict = {}
 
-    def get(model: str, mesh_shape, chunks: int = 1) -> ShardedPotential:
-        key = (model, tuple(mesh_shape), chunks)
+    def get(model: str, mesh_shape, chunks: int = 1, how: str = "mesh_shape") -> ShardedPotential:
+        """``how``: pass the mesh as ``mesh_shape=``, as a ``mesh=`` (2-D when the last
+        axis is 1) or only the device count (``devices=``, the shape is then chosen)."""
+        key = (model, tuple(mesh_shape), chunks, how)
         if key not in cache:
-            cache[key] = ShardedPotential(pots[model], mesh_shape=mesh_shape, chunks=chunks)
+            kw: dict = {"mesh_shape": mesh_shape}
+            if how == "mesh":
+                shape = mesh_shape[:2] if mesh_shape[2] == 1 else mesh_shape
+                devs = np.asarray(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+                kw = {"mesh": Mesh(devs, ("a", "b", "c")[: len(shape)])}
+            elif how == "devices":
+                kw = {"devices": int(np.prod(mesh_shape))}
+            cache[key] = ShardedPotential(pots[model], chunks=chunks, **kw)
         return cache[key]
 
     return get
@@ -137,22 +146,27 @@ CASES = [
     ("allegro", "ortho", (4, 1, 1), 1),
     ("allegro", "ortho", (4, 1, 1), 2),
     # slab: periodic in x, y, open in z
-    ("allegro", "slab", (2, 2, 1), 1),
+    ("allegro", "slab", (2, 2, 1), 1, "mesh"),  # a 2-D jax Mesh
     ("nequip", "triclinic", (1, 2, 2), 1),
     ("nequip", "open", (4, 1, 1), 1),
-    ("mace", "triclinic", (2, 2, 1), 2),
+    # devices=4: mesh_for gives the sheared cell's wider axes 1 and 2 the cuts
+    ("mace", "triclinic", (1, 2, 2), 2, "devices"),
 ]
 
 
-@pytest.mark.parametrize(("model", "kind", "mesh_shape", "chunks"), CASES)
-def test_sharded_equals_single_device(model, kind, mesh_shape, chunks, refs, sharded):
+@pytest.mark.parametrize(
+    ("model", "kind", "mesh_shape", "chunks", "how"), [(*c, "mesh_shape")[:5] for c in CASES]
+)
+def test_sharded_equals_single_device(model, kind, mesh_shape, chunks, how, refs, sharded):
     system, ref = refs(model, kind)
-    sp = sharded(model, mesh_shape, chunks)
+    sp = sharded(model, mesh_shape, chunks, how)
     out = sp(system)
     assert_same(out, ref)
     if kind in ("ortho", "triclinic"):
         assert out.stress is not None
     assert sp.stats.mesh_shape == mesh_shape
+    if how == "devices":
+        assert mesh_shape == domains.mesh_for(4, domains.frame_of(system).spacing)
     assert int(sp.stats.owned.sum()) == system.n_atoms
     if chunks > 1:
         assert int(np.prod(sp.stats.chunk_shape)) == chunks
@@ -383,13 +397,13 @@ def test_reverse_is_transpose_of_forward():
 
 @pytest.mark.parametrize(
     ("model", "kind", "mesh_shape", "chunks"),
-    [("nequip", "triclinic", (1, 2, 2), 1), ("mace", "triclinic", (2, 2, 1), 2)],
+    [("nequip", "triclinic", (1, 2, 2), 1), ("mace", "triclinic", (1, 2, 2), 2)],
 )
 def test_one_cutoff_halo_is_wrong_for_message_passing(
     model, kind, mesh_shape, chunks, pots, refs, sharded
 ):
     system, ref = refs(model, kind)
-    right = sharded(model, mesh_shape, chunks)
+    right = sharded(model, mesh_shape, chunks, "devices" if model == "mace" else "mesh_shape")
     assert right.halo == pytest.approx(2 * pots[model].config.r_cut + right.skin)
     assert_same(right(system), ref)
     thin = ShardedPotential(pots[model], mesh_shape=mesh_shape, chunks=chunks)
@@ -557,6 +571,11 @@ def test_update_before_first_call_and_nan_positions(pots, refs, sharded):
         sp.update(bad)
     with pytest.raises(ValueError, match="NaN"):
         sp(cs.System(bad, system.species, cell=system.cell, pbc=True, validate=False))
+    # a first call too (the decomposition would otherwise place the NaN atom somewhere)
+    for cell, pbc in ((system.cell, True), (None, False)):
+        fresh = ShardedPotential(pots["allegro"], mesh_shape=(2, 1, 1))
+        with pytest.raises(ValueError, match="NaN"):
+            fresh(cs.System(bad, system.species, cell=cell, pbc=pbc, validate=False))
     with pytest.raises(ValueError):
         sp.update(np.zeros((3, 3)))
 
