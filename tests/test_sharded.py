@@ -343,9 +343,11 @@ def test_ghosts_equal_brute_force(kind, mesh_shape, halo_width):
 # ---------------------------------------------------------------------------------------
 
 
-def test_reverse_is_transpose_of_forward():
+@pytest.mark.parametrize("mesh_shape", [(4, 1, 1), (2, 2, 1), (1, 2, 2)])
+def test_reverse_is_transpose_of_forward(mesh_shape):
+    # (4, 1, 1): the ring's permutation is not its own inverse, and several hops
     system = _triclinic(n=3)
-    plan = domains.decompose(system, (2, 2, 1), halo=5.0, reach=0.0, r_cut=2.5)
+    plan = domains.decompose(system, mesh_shape, halo=5.0, reach=0.0, r_cut=2.5)
     s_n, c_own, n_buf = plan.n_shards, plan.owned_ids.shape[1], plan.buffer_ids.shape[1]
     specs = halo.stage_specs(plan.stages)
     send_idx, send_mask, wrap = halo.stage_arrays(plan.stages)
