@@ -247,6 +247,8 @@ class ShardedPotential:
         if not isinstance(system, System):
             raise ValueError(f"expected a System, got {type(system).__name__}")
         self.pot.species_index(system.species)  # unknown species: a clear error first
+        if not np.all(np.isfinite(np.asarray(system.positions, dtype=float))):
+            raise ValueError("positions contain NaN or inf")
         shape = self._fixed_shape or domains.mesh_for(
             self._n_devices, domains.frame_of(system).spacing
         )
