@@ -168,6 +168,8 @@ def test_sharded_equals_single_device(model, kind, mesh_shape, chunks, how, refs
     if how == "devices":
         assert mesh_shape == domains.mesh_for(4, domains.frame_of(system).spacing)
     assert int(sp.stats.owned.sum()) == system.n_atoms
+    # capacities grow geometrically (+ a few slots): few recompilations in a hot run
+    assert sp.stats.capacity_growths <= 4, sp.stats.capacity_growths
     if chunks > 1:
         assert int(np.prod(sp.stats.chunk_shape)) == chunks
     # every shard owns atoms and has ghosts: the decomposition is not trivial
@@ -450,8 +452,7 @@ def _verlet(system: cs.System, forces, steps: int, dt: float, temperature: float
 def test_md_through_update_follows_single_device(pots, refs, sharded):
     pot = pots["allegro"]
     system, _ = refs("allegro", "ortho")
-    # head-room 3: at the default 1.2 the hot run grows capacities (recompiles) 9 times
-    sp = ShardedPotential(pot, mesh_shape=(4, 1, 1), capacity_growth=3.0)
+    sp = ShardedPotential(pot, mesh_shape=(4, 1, 1))
     sp(system)
     n0 = sp.stats.decompositions
     seen = {"migrated": 0, "owned_ok": True}
@@ -495,7 +496,7 @@ def test_capacity_overflow_grows_and_stays_exact(pots, refs):
     assert caps["owned"] >= sp.stats.owned.max() > 1 and caps["nodes"] > 1 and caps["edges"] > 1
     # cluster the atoms towards the corner: shard (0, 0) gains atoms beyond its capacity
     growths = sp.stats.capacity_growths
-    squeezed = np.asarray(system.positions) * 0.75
+    squeezed = np.asarray(system.positions) * 0.5
     out = sp.update(squeezed)
     assert sp.stats.capacity_growths > growths
     assert sp.stats.capacities["owned"] > caps["owned"]

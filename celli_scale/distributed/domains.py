@@ -332,8 +332,14 @@ class Decomposition:
 
 
 def _grow(need: int, have: int, growth: float) -> int:
+    """A capacity for ``need`` entries: ``have`` if it holds them, else ``need × growth``
+    plus 8 (small blocks, e.g. a second hop's, fluctuate by a few atoms), and at least
+    1.5 × ``have`` when growing an existing one, so an MD run recompiles O(log) times."""
     need = max(int(need), 1)
-    return have if have >= need else max(int(math.ceil(need * growth)), 1)
+    if have >= need:
+        return have
+    new = int(math.ceil(need * growth)) + 8
+    return max(new, int(math.ceil(1.5 * have)) if have > 0 else 0)
 
 
 def _chunk_shape(chunks: int, widths: np.ndarray) -> tuple[int, int, int]:
