@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
         for d in SHARDED_DEVICES:
             res = run_worker(scaling_spec(model, d), d)
             if "status" in res:
-                print(f"| {model} | {d} | – | – | – | – | – | – | {res['status']} | | |", flush=True)
+                print(
+                    f"| {model} | {d} | – | – | – | – | – | – | {res['status']} | | |", flush=True
+                )
                 continue
             for mode, r in res.items():
                 print(
