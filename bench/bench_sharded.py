@@ -163,15 +163,17 @@ def _case(pot: Any, case: dict[str, Any]) -> dict[str, Any]:
     if case.get("unsharded"):
         ref = pot(system)
         jax.block_until_ready(ref.forces)
-    t_sp, t_pot = [], []
-    for _ in range(int(case["repeats"])):  # interleaved
-        t0 = time.perf_counter()
-        jax.block_until_ready(sp(system).forces)
-        t_sp.append(time.perf_counter() - t0)
-        if ref is not None:
-            t0 = time.perf_counter()
-            jax.block_until_ready(pot(system).forces)
-            t_pot.append(time.perf_counter() - t0)
+    # wall and CPU seconds (all threads of the process: every fake device's work, and
+    # robust against other processes on a shared machine), interleaved, min of repeats
+    t_sp, t_pot, c_sp, c_pot = [], [], [], []
+    for _ in range(int(case["repeats"])):
+        for call, wall, cpu in ((sp, t_sp, c_sp), (pot if ref is not None else None, t_pot, c_pot)):
+            if call is None:
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(call(system).forces)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     st = sp.stats
     row = {
         "n_atoms": int(system.n_atoms),
@@ -185,10 +187,12 @@ def _case(pot: Any, case: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_exchange": int(st.bytes_per_exchange),
         "first_call_s": first,
         "sharded_s": float(min(t_sp)),
+        "sharded_cpu_s": float(min(c_sp)),
         "exchange_s": _time_exchange(sp, system, int(case["repeats"])),
     }
     if ref is not None:
         row["unsharded_s"] = float(min(t_pot))
+        row["unsharded_cpu_s"] = float(min(c_pot))
         row["max_force_diff"] = float(np.abs(np.asarray(out.forces) - np.asarray(ref.forces)).max())
     return row
 
