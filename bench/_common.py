@@ -82,9 +82,28 @@ SCALING_PER_WORKER = 1 if QUICK else 2  # weak scaling: structures per worker
 SCALING_GRID_N = 2 if QUICK else 6
 SCALING_REPEATS = 1 if QUICK else 3
 
-#: Halo-cost benchmark: bricks of m³ owned atoms (CELLI's local trunk is Allegro's).
-HALO_MODELS: tuple[str, ...] = ("allegro", "nequip", "mace")
-HALO_GRID_M: tuple[int, ...] = (2,) if QUICK else (4, 6, 10)
+#: Halo-cost benchmark: a (2m)³ grid on a 2×2×2 mesh of fake CPU devices, so every
+#: device owns a brick of m³ atoms (CELLI's local trunk is Allegro's).
+HALO_MODELS: tuple[str, ...] = ("allegro",) if QUICK else ("allegro", "nequip", "mace")
+HALO_GRID_M: tuple[int, ...] = (2,) if QUICK else (4, 6, 8)
+HALO_MESH: tuple[int, int, int] = (2, 2, 2)
+
+#: Domain decomposition (``bench_sharded.py``, issue 17), float32, NaCl grid, skin 0.5 Å
+#: (``celli_scale.distributed.domains.SKIN``), halo = receptive field + skin.
+#: Sharded vs unsharded on one device: ``SHARDED_1DEV_N³`` atoms, Allegro.
+SHARDED_1DEV_N = 4 if QUICK else 16  # 64 / 4096 atoms
+SHARDED_1DEV_REPEATS = 2 if QUICK else 5  # interleaved warm calls per side; min reported
+#: Strong and weak scaling over fake CPU devices (one worker subprocess per model and
+#: device count, ``XLA_FLAGS=--xla_force_host_platform_device_count=D``).
+SHARDED_MODELS: tuple[str, ...] = ("allegro",) if QUICK else ("allegro", "nequip", "mace")
+SHARDED_DEVICES: tuple[int, ...] = (1, 2) if QUICK else (1, 2, 4, 8)
+SHARDED_STRONG_N = 4 if QUICK else 16  # strong: the N = n³ grid, whatever the device count
+SHARDED_WEAK_M = 3 if QUICK else 10  # weak: m³ sites per device (grid m·mesh_shape)
+SHARDED_CHUNKS = 1  # sub-bricks per device
+SHARDED_REPEATS = 1 if QUICK else 3  # warm calls per point; min reported
+#: A worker is stopped (point skipped) past this wall time or resident memory.
+SHARDED_POINT_TIMEOUT_S = 300.0 if QUICK else 600.0
+SHARDED_MAX_RSS_GIB = 12.0
 
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
@@ -117,6 +136,9 @@ __all__ = [
     "MODELS",
     "MemoryTooLarge",
     "QUICK",
+    "HALO_GRID_M",
+    "HALO_MESH",
+    "HALO_MODELS",
     "SCALING_BATCH",
     "SCALING_DEVICES",
     "SCALING_GRID_N",
@@ -124,6 +146,16 @@ __all__ = [
     "SCALING_PER_WORKER",
     "SCALING_PROCESSES",
     "SCALING_REPEATS",
+    "SHARDED_1DEV_N",
+    "SHARDED_1DEV_REPEATS",
+    "SHARDED_CHUNKS",
+    "SHARDED_DEVICES",
+    "SHARDED_MAX_RSS_GIB",
+    "SHARDED_MODELS",
+    "SHARDED_POINT_TIMEOUT_S",
+    "SHARDED_REPEATS",
+    "SHARDED_STRONG_N",
+    "SHARDED_WEAK_M",
     "TIMEOUT_S",
     "TRAIN_BATCH",
     "TRAIN_DTYPES",

@@ -3,6 +3,9 @@ once, for the first parameter combination; track values must be finite and posit
 
 Benchmark modules are discovered (``bench/bench_*.py``), so a new benchmark file is
 covered as soon as it exists. ``tests/conftest.py`` sets ``CELLI_BENCH_QUICK=1``.
+Multi-device benchmarks (``bench_scaling``, ``bench_sharded``, ``bench_halo``) start worker
+subprocesses with their own fake device count; their ``setup_cache`` runs every quick point
+(``bench_sharded``: one worker for 1 and 2 devices, ``bench_halo``: one 8-device worker).
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ def _first_params(obj) -> tuple:
 
 def test_discovers_every_bench_module():
     mods = _modules()
-    assert {"bench_models", "bench_training", "bench_scaling"} <= set(mods)
+    assert {
+        "bench_models",
+        "bench_training",
+        "bench_scaling",
+        "bench_sharded",
+        "bench_halo",
+    } <= set(mods)
     covered = {m for m, _ in _benchmarks()}
     assert covered == set(mods), f"bench modules without benchmarks: {set(mods) - covered}"
 
