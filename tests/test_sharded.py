@@ -484,6 +484,21 @@ def test_md_through_update_follows_single_device(pots, refs, sharded):
 # ---------------------------------------------------------------------------------------
 
 
+def test_pair_compaction_overflow_is_redone_with_more_room(pots, refs):
+    """The device keeps only pairs within r_cut of the (r_cut + skin) list, in
+    ``cut_capacity`` slots: more pairs than that are reported and the call is redone with
+    a larger capacity, never a missing pair."""
+    pot = pots["allegro"]
+    system, ref = refs("allegro", "ortho")
+    sp = ShardedPotential(pot, mesh_shape=(2, 1, 1))
+    assert_same(sp(system), ref)
+    growths = sp.stats.capacity_growths
+    sp.decomposition.cut_capacity = 10  # far fewer slots than pairs within r_cut
+    assert_same(sp(system), ref)
+    assert sp.stats.capacity_growths == growths + 1
+    assert sp.decomposition.cut_capacity >= int(sp.stats.edges.max() * 0.5)
+
+
 def test_capacity_overflow_grows_and_stays_exact(pots, refs):
     pot = pots["allegro"]
     system, ref = refs("allegro", "ortho")
