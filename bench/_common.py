@@ -105,6 +105,11 @@ SHARDED_REPEATS = 1 if QUICK else 3  # warm calls per point; min reported
 SHARDED_POINT_TIMEOUT_S = 300.0 if QUICK else 600.0
 SHARDED_MAX_RSS_GIB = 12.0
 
+#: A million atoms on one CPU (bench_million): the MILLION_GRID³ NaCl grid in MILLION_CHUNKS
+#: sub-bricks (6³ = 216: about 4,600 owned atoms each).
+MILLION_GRID = 6 if QUICK else 100
+MILLION_CHUNKS = 8 if QUICK else 216
+
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
 
@@ -133,6 +138,8 @@ __all__ = [
     "EXTRAS",
     "GRID_N",
     "HYPERPARAMS",
+    "MILLION_CHUNKS",
+    "MILLION_GRID",
     "MODELS",
     "MemoryTooLarge",
     "QUICK",
