@@ -24,6 +24,16 @@ Two solvers, the same answer to the solver tolerance:
   never from back-propagating through the iterations, so memory does not grow with the
   iteration count.
 
+Optional extensions (no extra work when absent):
+
+* ``phi_ext``: an external potential per atom (V = eV/e; an applied field's ``−E·r`` or
+  the potential of fixed external charges), added to χ: ``E(q) = Σ (χ_i + φ_i) q_i + ...``.
+* ``groups`` / ``group_charges``: per-group total charges (charge-constrained fragments,
+  as in openmm's mlipops): ``Σ_{i∈g} q_i = Q_g`` for every group ``g``, one Lagrange
+  multiplier per group. The bordered system gets ``G`` constraint rows ``C`` (``C_ig = 1``
+  for ``i ∈ g``), CG projects out each group's (Jacobi-weighted) mean, and
+  ``chemical_potential`` becomes the ``(G,)`` vector of the groups' μ_g.
+
 Inside ``jit`` nothing raises: :class:`QeqResult` carries ``residual``, ``converged`` and
 ``indefinite``; :func:`check` (called by :func:`solve` on concrete results) turns them
 into :class:`QeqConvergenceError` / ``ValueError`` on the host.
@@ -185,6 +195,89 @@ def _check_per_atom(name: str, x: Any, n: int, unit: str) -> None:
         raise ValueError(f"{name} is not finite at atom {i} ({arr[i]})")
 
 
+def _check_groups(n: int, groups: Any, group_charges: Any, total_charge: Any):
+    """Validate (and, on the host, normalise) per-group charge constraints.
+
+    ``groups`` is an ``(N,)`` int array of group ids ``0..G-1`` or (concrete only) a
+    sequence of ``G`` index lists that together cover every atom exactly once.
+    ``group_charges`` is ``(G,)`` in e. Returns ``(ids, group_charges)`` (numpy when
+    concrete, the inputs unchanged when traced).
+    """
+    if (groups is None) != (group_charges is None):
+        raise ValueError("groups and group_charges must be given together (or neither)")
+    if not _is_concrete(group_charges):
+        gshape = jnp.shape(group_charges)
+        if len(gshape) != 1 or gshape[0] < 1:
+            raise ValueError(f"group_charges must have shape (G,) with G >= 1, got {gshape}")
+    else:
+        gc = np.asarray(group_charges)
+        if gc.ndim != 1 or gc.size < 1:
+            raise ValueError(f"group_charges must have shape (G,) with G >= 1, got {gc.shape}")
+        if not np.issubdtype(gc.dtype, np.number) or np.iscomplexobj(gc):
+            raise ValueError(f"group_charges must be real numbers, got dtype {gc.dtype}")
+        bad = ~np.isfinite(gc.astype(float))
+        if bad.any():
+            raise ValueError(f"group_charges is not finite at group {int(np.flatnonzero(bad)[0])}")
+        group_charges = gc
+    ng = jnp.shape(group_charges)[0]
+    if not _is_concrete(groups):
+        if jnp.shape(groups) != (n,) or not jnp.issubdtype(jnp.asarray(groups).dtype, jnp.integer):
+            raise ValueError(
+                f"groups must be an ({n},) integer array of group ids, got shape "
+                f"{jnp.shape(groups)} dtype {jnp.asarray(groups).dtype}"
+            )
+        return groups, group_charges
+    if not isinstance(groups, (np.ndarray, jax.Array)) and any(np.ndim(g) == 1 for g in groups):
+        # a sequence of index lists: every atom in exactly one group
+        if len(groups) != ng:
+            raise ValueError(
+                f"groups lists {len(groups)} groups but group_charges has {ng} charges"
+            )
+        ids = np.full(n, -1, dtype=np.int32)
+        for g, idx in enumerate(groups):
+            idx = np.asarray(idx)
+            if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+                raise ValueError(f"group {g} must be a list of atom indices, got {idx!r}")
+            out = (idx < 0) | (idx >= n)
+            if out.any():
+                raise ValueError(f"group {g} has atom index {int(idx[out][0])} outside 0..{n - 1}")
+            seen = ids[idx] >= 0
+            if seen.any() or np.unique(idx).size != idx.size:
+                i = int(idx[seen][0]) if seen.any() else int(idx[np.argmax(np.bincount(idx))])
+                raise ValueError(f"groups overlap: atom {i} is in more than one group")
+            ids[idx] = g
+        if (ids < 0).any():
+            raise ValueError(f"atom {int(np.flatnonzero(ids < 0)[0])} is in no group")
+    else:
+        ids = np.asarray(groups)
+        if ids.shape != (n,):
+            raise ValueError(
+                f"groups must have shape ({n},) (one group id per atom), got {ids.shape}"
+            )
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"groups must be integer group ids, got dtype {ids.dtype}")
+        out = (ids < 0) | (ids >= ng)
+        if out.any():
+            i = int(np.flatnonzero(out)[0])
+            raise ValueError(
+                f"groups: atom {i} has group id {int(ids[i])}, outside 0..{ng - 1} "
+                f"(group_charges has {ng} entries)"
+            )
+        ids = ids.astype(np.int32)
+    empty = np.bincount(ids, minlength=ng) == 0
+    if empty.any():
+        raise ValueError(f"group {int(np.flatnonzero(empty)[0])} has no atoms")
+    if _is_concrete(total_charge) and _is_concrete(group_charges):
+        tot = float(np.asarray(total_charge))
+        gsum = float(np.sum(np.asarray(group_charges, dtype=float)))
+        if abs(tot - gsum) > 1e-6 * max(1.0, float(np.sum(np.abs(group_charges)))):
+            raise ValueError(
+                f"total charge {tot:g} e differs from the sum of the group charges {gsum:g} e "
+                "(give a consistent total charge, or none)"
+            )
+    return ids, group_charges
+
+
 def _check_inputs(n, chi, hardness, sigma, q0, tol, method) -> None:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -236,6 +329,9 @@ def solve(
     q0: Any = None,
     maxiter: int | None = None,
     check: bool = True,
+    phi_ext: Any = None,
+    groups: Any = None,
+    group_charges: Any = None,
 ) -> QeqResult:
     """Equilibrate the charges of ``system``.
 
@@ -257,10 +353,19 @@ def solve(
       maxiter: CG iteration cap (default ``max(100, 2N)``).
       check: raise on a non-converged or indefinite solve (only possible when the result
         is concrete; inside ``jit``/``grad`` inspect ``residual``/``converged`` instead).
+      phi_ext: ``(N,)`` external potential at each atom in V (eV/e), added to χ in the
+        energy (a uniform field ``E`` gives ``phi_ext = −positions @ E``). ``energy``
+        then includes ``Σ φ_i q_i``.
+      groups: per-group charge constraints: an ``(N,)`` int array of group ids
+        ``0..G-1``, or a sequence of ``G`` atom-index lists covering every atom exactly
+        once. Requires ``group_charges``.
+      group_charges: ``(G,)`` total charge of each group in e. ``system.total_charge``
+        must equal their sum.
 
     Returns:
       :class:`QeqResult`; ``charges``, ``energy`` and ``chemical_potential`` are
-      differentiable w.r.t. chi, hardness, sigma, positions, cell and total charge.
+      differentiable w.r.t. chi, hardness, sigma, positions, cell, total charge, phi_ext
+      and group_charges. With groups, ``chemical_potential`` is ``(G,)`` (one per group).
 
     Raises:
       ValueError: bad shapes, non-finite inputs, ``sigma <= 0`` (naming the atom),
@@ -275,6 +380,10 @@ def solve(
     """
     n = system.n_atoms
     _check_inputs(n, chi, hardness, sigma, q0, tol, method)
+    if phi_ext is not None:
+        _check_per_atom("phi_ext", phi_ext, n, "V")
+    if groups is not None or group_charges is not None:
+        groups, group_charges = _check_groups(n, groups, group_charges, system.total_charge)
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_ATOMS else "cg"
     if params is None:
@@ -295,6 +404,9 @@ def solve(
         tol=tol,
         maxiter=maxiter,
         q0=q0,
+        phi_ext=phi_ext,
+        groups=groups,
+        group_charges=group_charges,
     )
     if check and _is_concrete(result.converged):
         _check_result(result)
@@ -316,37 +428,59 @@ def solve_arrays(
     tol: float = 1e-10,
     maxiter: int | None = None,
     q0: jax.Array | None = None,
+    phi_ext: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    group_charges: jax.Array | None = None,
 ) -> QeqResult:
     """Pure, jit-able Qeq on arrays (no host checks; see :func:`check`).
 
     Args:
       positions: ``(N, 3)`` Å. cell: ``(3, 3)`` Å rows or ``None``.
       chi: ``(N,)`` eV/e. hardness: ``(N,)`` eV/e². sigma: ``(N,)`` Å or ``None``.
-      total_charge: ``()`` e.
+      total_charge: ``()`` e. With groups it may be ``None`` (it is then implied by the
+        group charges; when given and concrete it must equal their sum).
       params, neighbors: from ``electrostatics.prepare`` / ``real_space_neighbors``.
       mask: ``(N,)`` bool, True for real atoms; padded atoms get charge 0, are excluded
         from the constraint and change nothing.
       method: ``"cg"``, ``"dense"`` or ``"auto"`` (static).
       tol: relative residual tolerance (static). maxiter: CG cap (static).
       q0: ``(N,)`` CG warm start (not differentiated).
+      phi_ext: ``(N,)`` external potential in V, added to χ (``None``: none).
+      groups: ``(N,)`` int group ids ``0..G-1`` (padded atoms: any id in range).
+      group_charges: ``(G,)`` e; ``G`` is taken from its (static) shape. With groups,
+        ``Σ_{i∈g} q_i = Q_g`` replaces ``Σ q_i = Q``; a group with no real atoms (all
+        padded) is dropped from the constraints (its charge should be 0).
 
     Returns:
       :class:`QeqResult`. Differentiable w.r.t. positions, cell, chi, hardness, sigma,
-      total_charge (CG: implicit differentiation; dense: autodiff of the direct solve).
+      total_charge, phi_ext, group_charges (CG: implicit differentiation; dense: autodiff
+      of the direct solve). With groups, ``chemical_potential`` is ``(G,)``.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     n = positions.shape[0]
+    ng = None
+    if groups is not None or group_charges is not None:
+        groups, group_charges = _check_groups(n, groups, group_charges, total_charge)
+        ng = int(jnp.shape(group_charges)[0])
+    elif total_charge is None:
+        raise ValueError("total_charge may be None only when groups are given")
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_ATOMS else "cg"
     dt = positions.dtype
     m = jnp.ones((n,), dt) if mask is None else jnp.asarray(mask).astype(dt)
     real = m > 0
     chi = jnp.where(real, jnp.asarray(chi, dt), 0.0)
+    if phi_ext is not None:  # E = Σ (χ + φ) q + ½ qᵀAq: φ acts as a shift of χ
+        chi = chi + jnp.where(real, jnp.asarray(phi_ext, dt), 0.0)
     hard = jnp.where(real, jnp.asarray(hardness, dt), 1.0)
     if sigma is not None:
         sigma = jnp.where(real, jnp.asarray(sigma, dt), 1.0)
-    total_charge = jnp.asarray(total_charge, dt)
+    if groups is None:
+        cons = jnp.asarray(total_charge, dt)  # the constraint values: Q, or Q_g per group
+    else:
+        groups = jnp.asarray(groups, jnp.int32)
+        cons = jnp.asarray(group_charges, dt)
     el_mask = None if mask is None else real
 
     def apply_a(q):
@@ -357,7 +491,7 @@ def solve_arrays(
 
     b = -chi
     if method == "dense":
-        q, lam, indefinite, ref = _dense(apply_a, b, total_charge, m)
+        q, lam, indefinite, ref = _dense(apply_a, b, cons, m, groups, ng)
         iterations = jnp.asarray(0, jnp.int32)
     else:
         self_diag = 0.0 if sigma is None else COULOMB / (sigma * jnp.sqrt(jnp.pi))
@@ -366,9 +500,11 @@ def solve_arrays(
         q, lam, iterations, indefinite, ref = _cg(
             apply_a,
             b,
-            total_charge,
+            cons,
             m,
             d,
+            groups,
+            ng,
             q0=q0,
             tol=float(tol),
             maxiter=max(100, 2 * n) if maxiter is None else int(maxiter),
@@ -376,9 +512,9 @@ def solve_arrays(
     aq = apply_a(q)
     energy = jnp.dot(chi, q) + 0.5 * jnp.dot(q, aq)
     # residual of the stationarity condition on the constraint surface
-    mm = jnp.dot(m, m)
+    mm = _cdot(m, m, groups, ng)
     r = jax.lax.stop_gradient(b - aq)
-    pr = r - m * (jnp.dot(m, r) / mm)
+    pr = _project(r, m, mm, groups, ng)
     num = jnp.linalg.norm(pr)
     floor = _roundoff(b, jax.lax.stop_gradient(aq))
     ref = jax.lax.stop_gradient(ref)
@@ -409,7 +545,26 @@ def _roundoff(b, aq):
 # ---------------------------------------------------------------------------------------
 # dense solver
 # ---------------------------------------------------------------------------------------
-def _dense(apply_a, b, c, m):
+def _cdot(v, m, groups, ng):
+    """``Cᵀ v``: the constraint values of ``v`` (a scalar without groups, ``(G,)`` with)."""
+    if groups is None:
+        return jnp.dot(m, v)
+    return jax.ops.segment_sum(m * v, groups, num_segments=ng)
+
+
+def _pick(lam, groups):
+    """Each atom's entry of a per-constraint vector (``C λ = m * _pick(λ)``)."""
+    return lam if groups is None else lam[groups]
+
+
+def _safe(mm, groups):
+    """``Cᵀm`` with empty (all-padded) groups set to 1 (their multipliers are then 0)."""
+    return mm if groups is None else jnp.where(mm > 0, mm, 1.0)
+
+
+def _dense(apply_a, b, c, m, groups=None, ng=None):
+    if groups is not None:
+        return _dense_groups(apply_a, b, c, m, groups, ng)
     n = b.shape[0]
     a = jax.jacfwd(apply_a)(jnp.zeros_like(b))
     a = 0.5 * (a + a.T)
@@ -427,34 +582,74 @@ def _dense(apply_a, b, c, m):
     return q, lam, indefinite, ref
 
 
-def _project(r, m, mm):
-    return r - m * (jnp.dot(m, r) / mm)
+def _dense_groups(apply_a, b, c, m, groups, ng):
+    """Bordered solve with one constraint row per group: ``[A C; Cᵀ 0]``."""
+    n = b.shape[0]
+    dt = b.dtype
+    a = jax.jacfwd(apply_a)(jnp.zeros_like(b))
+    a = 0.5 * (a + a.T)
+    cmat = m[:, None] * jax.nn.one_hot(groups, ng, dtype=dt)  # (N, G)
+    mm = jnp.sum(cmat * cmat, axis=0)
+    empty = mm == 0  # all-padded group: λ_g pinned to 0 instead of a singular row
+    kkt = jnp.block([[a, cmat], [cmat.T, jnp.diag(empty.astype(dt))]])
+    sol = jnp.linalg.solve(kkt, jnp.concatenate([b, jnp.where(empty, 0.0, c)]))
+    q, lam = sol[:n], sol[n:]
+    a_s = jax.lax.stop_gradient(a)
+    mms = _safe(mm, groups)
+    u = cmat / jnp.sqrt(mms)  # orthonormal columns (groups are disjoint)
+    proj = jnp.eye(n, dtype=dt) - u @ u.T
+    s = jnp.maximum(jnp.abs(jnp.trace(a_s)) / n, 1.0)
+    chol = jnp.linalg.cholesky(proj @ a_s @ proj + s * (u @ u.T))
+    indefinite = ~jnp.all(jnp.isfinite(chol))
+    q_c = m * _pick(c / mms, groups)
+    ref = jnp.linalg.norm(_project(b - a_s @ q_c, m, mm, groups, ng))
+    return q, lam, indefinite, ref
+
+
+def _project(r, m, mm, groups=None, ng=None):
+    """Remove ``r``'s component along the constraint columns (``P r``)."""
+    return r - m * _pick(_cdot(r, m, groups, ng) / _safe(mm, groups), groups)
 
 
 # ---------------------------------------------------------------------------------------
 # CG solver with implicit differentiation
 # ---------------------------------------------------------------------------------------
-def _cg(apply_a, b, c, m, d, *, q0, tol, maxiter):
+def _cg(apply_a, b, c, m, d, groups=None, ng=None, *, q0, tol, maxiter):
     n = b.shape[0]
+
+    def lam_of(y):  # the multiplier(s): a scalar without groups, (G,) with
+        return y[n] if groups is None else y[n:]
 
     # The bordered operator acts on one flat vector y = (q, λ): custom_linear_solve's
     # transpose rule needs every leaf of the right-hand side to carry a tangent.
     def bordered(y):
-        v, lam = y[:n], y[n]
-        return jnp.concatenate([apply_a(v) + m * lam, jnp.dot(m, v)[None]])
+        v, lam = y[:n], lam_of(y)
+        cv = jnp.atleast_1d(_cdot(v, m, groups, ng))
+        return jnp.concatenate([apply_a(v) + m * _pick(lam, groups), cv])
 
     warm = None if q0 is None else jax.lax.stop_gradient(jnp.asarray(q0, b.dtype) * m)
     solver = partial(
-        _pcg, m=jax.lax.stop_gradient(m), dinv=1.0 / d, warm=warm, tol=tol, maxiter=maxiter
+        _pcg,
+        m=jax.lax.stop_gradient(m),
+        dinv=1.0 / d,
+        warm=warm,
+        tol=tol,
+        maxiter=maxiter,
+        groups=groups,
+        ng=ng,
     )
     y, (iterations, indefinite, ref) = jax.lax.custom_linear_solve(
-        bordered, jnp.concatenate([b, c[None]]), solver, symmetric=True, has_aux=True
+        bordered, jnp.concatenate([b, jnp.atleast_1d(c)]), solver, symmetric=True, has_aux=True
     )
-    return y[:n], y[n], iterations, indefinite, ref
+    return y[:n], lam_of(y), iterations, indefinite, ref
 
 
-def _pcg(matvec, rhs, *, m, dinv, warm, tol, maxiter):
+def _pcg(matvec, rhs, *, m, dinv, warm, tol, maxiter, groups=None, ng=None):
     """Projected preconditioned CG for ``A x + m λ = b, mᵀx = c`` (A SPD on m⊥).
+
+    With ``groups`` the constraint is ``Cᵀx = c`` with one column per group
+    (``C_ig = m_i [g_i = g]``), ``λ`` and ``c`` are ``(G,)``, and every projection below
+    acts group by group (the groups are disjoint, so ``CᵀC`` and ``CᵀD⁻¹C`` are diagonal).
 
     Works for any right-hand side (custom_linear_solve reuses it for tangent and
     adjoint solves). Starts at the uniform feasible point ``x_c = c m/mᵀm``; a warm start
@@ -465,25 +660,29 @@ def _pcg(matvec, rhs, *, m, dinv, warm, tol, maxiter):
     The Jacobi preconditioner ``dinv`` is a constant here: its derivatives are not needed
     (custom_linear_solve differentiates the matvec, never the solver).
     """
-    n = rhs.shape[0] - 1
-    b, c = rhs[:n], rhs[n]
+    nc = 1 if groups is None else ng
+    n = rhs.shape[0] - nc
+    b, c = rhs[:n], (rhs[n] if groups is None else rhs[n:])
     dt = b.dtype
-    zero = jnp.zeros((1,), dt)
+    zero = jnp.zeros((nc,), dt)
 
     def a(x):
         return matvec(jnp.concatenate([x, zero]))[:n]
 
-    mm = jnp.dot(m, m)
-    mdm = jnp.dot(m, dinv * m)
+    mm = _safe(_cdot(m, m, groups, ng), groups)
+    mdm = _safe(_cdot(dinv * m, m, groups, ng), groups)
+
+    def cdot(v):
+        return _cdot(v, m, groups, ng)
 
     def proj(r):
-        return r - m * (jnp.dot(m, r) / mm)
+        return r - m * _pick(cdot(r) / mm, groups)
 
     def precond(r):  # D⁻¹ projected onto m⊥ (symmetric, PSD)
         z = dinv * r
-        return z - dinv * m * (jnp.dot(m, z) / mdm)
+        return z - dinv * m * _pick(cdot(z) / mdm, groups)
 
-    x = m * (c / mm)
+    x = m * _pick(c / mm, groups)
     ax = a(x)
     r = b - ax
     ref = jnp.linalg.norm(proj(r))
@@ -527,5 +726,5 @@ def _pcg(matvec, rhs, *, m, dinv, warm, tol, maxiter):
 
     state = (jnp.asarray(0, jnp.int32), x, r, p, rz, rnorm, indefinite)
     k, x, r, _, _, _, indefinite = jax.lax.while_loop(cond, body, state)
-    lam = jnp.dot(m, r) / mm
-    return jnp.concatenate([x, lam.astype(dt)[None]]), (k, indefinite, ref)
+    lam = cdot(r) / mm
+    return jnp.concatenate([x, jnp.atleast_1d(lam.astype(dt))]), (k, indefinite, ref)
