@@ -89,9 +89,12 @@ class QeqResult:
         electrostatic terms together). Differentiable.
       chemical_potential: ``()`` the equalised electronegativity ``μ = ∂E/∂q_i`` (eV/e),
         the same on every real atom at the solution; ``dE*/dQ = μ``. Differentiable.
+        With groups: ``(G,)``, μ_g shared by the atoms of group ``g``, ``dE*/dQ_g = μ_g``.
       iterations: ``()`` int32 CG iterations (0 for the dense solver).
       residual: ``()`` relative residual ``‖P(b − A q)‖ / ‖P(b − A q_c)‖`` with ``b = −χ``,
-        ``P`` the projector onto ``Σq = 0`` and ``q_c = Q m/Σm`` the uniform start.
+        ``P`` the projector onto ``Σq = 0`` and ``q_c = Q m/Σm`` the uniform start
+        (with ``phi_ext``: ``b = −(χ + φ)``; with groups, ``P`` and ``q_c`` act group by
+        group).
       converged: ``()`` bool, residual within the tolerance (or at round-off level) and
         the matrix positive definite on the constraint surface.
       indefinite: ``()`` bool, ``A`` was found not positive definite on the constraint
@@ -236,6 +239,8 @@ def _check_groups(n: int, groups: Any, group_charges: Any, total_charge: Any):
         ids = np.full(n, -1, dtype=np.int32)
         for g, idx in enumerate(groups):
             idx = np.asarray(idx)
+            if idx.size == 0:
+                idx = idx.astype(np.int64)
             if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
                 raise ValueError(f"group {g} must be a list of atom indices, got {idx!r}")
             out = (idx < 0) | (idx >= n)
@@ -354,8 +359,9 @@ def solve(
       check: raise on a non-converged or indefinite solve (only possible when the result
         is concrete; inside ``jit``/``grad`` inspect ``residual``/``converged`` instead).
       phi_ext: ``(N,)`` external potential at each atom in V (eV/e), added to χ in the
-        energy (a uniform field ``E`` gives ``phi_ext = −positions @ E``). ``energy``
-        then includes ``Σ φ_i q_i``.
+        energy (a uniform field ``E`` gives ``phi_ext = −positions @ E``; in a periodic
+        cell that potential is not periodic and depends on which images the positions
+        are). ``energy`` then includes ``Σ φ_i q_i``.
       groups: per-group charge constraints: an ``(N,)`` int array of group ids
         ``0..G-1``, or a sequence of ``G`` atom-index lists covering every atom exactly
         once. Requires ``group_charges``.

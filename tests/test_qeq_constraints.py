@@ -304,6 +304,8 @@ def test_bad_inputs_raise():
         qeq.solve(s, chi, hard, sigma, groups=[0, 1, 2, 0, 1], group_charges=[0, 0], **kw)
     with pytest.raises(ValueError, match="group 1 has no atoms"):
         qeq.solve(s, chi, hard, sigma, groups=np.zeros(5, int), group_charges=[0, 0], **kw)
+    with pytest.raises(ValueError, match="group 1 has no atoms"):
+        qeq.solve(s, chi, hard, sigma, groups=[range(5), []], group_charges=[0, 0], **kw)
     with pytest.raises(ValueError, match="lists 2 groups but group_charges has 3"):
         qeq.solve(s, chi, hard, sigma, groups=[[0, 1], [2, 3, 4]], group_charges=[0, 0, 0])
     with pytest.raises(ValueError, match="integer"):
