@@ -562,6 +562,8 @@ def test_celli_is_refused_naming_the_distributed_qeq():
         dict(devices=0),
         dict(devices=2, mesh_shape=(2, 1, 1)),
         dict(skin=-1.0),
+        dict(capacity_growth=0.5),
+        dict(capacity_growth=float("nan")),
     ],
 )
 def test_bad_arguments_raise_value_error(pots, kwargs):

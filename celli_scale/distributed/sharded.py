@@ -179,6 +179,12 @@ class ShardedPotential:
             raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
         if not (isinstance(skin, int | float) and math.isfinite(skin) and skin >= 0):
             raise ValueError(f"skin must be a finite number of Å ≥ 0, got {skin!r}")
+        if not (
+            isinstance(capacity_growth, int | float)
+            and math.isfinite(capacity_growth)
+            and capacity_growth >= 1
+        ):
+            raise ValueError(f"capacity_growth must be a number ≥ 1, got {capacity_growth!r}")
         self.pot = pot
         self.chunks = int(chunks)
         self.skin = float(skin)
