@@ -13,6 +13,7 @@ from jax.scipy.special import erf
 import celli_scale as cs
 from celli_scale import electrostatics as el
 from celli_scale import qeq
+from celli_scale.datasets import random_cluster
 from celli_scale.units import COULOMB
 
 jax.config.update("jax_enable_x64", True)
@@ -26,13 +27,7 @@ solve_arrays = jax.jit(qeq.solve_arrays, static_argnames=("method", "tol", "maxi
 # structures and parameters
 # ---------------------------------------------------------------------------------------
 def _cluster(n=10, seed=0, box=6.5, dmin=1.8) -> cs.System:
-    rng = np.random.default_rng(seed)
-    pos: list[np.ndarray] = []
-    while len(pos) < n:
-        p = rng.uniform(0, box, 3)
-        if all(np.linalg.norm(p - q) > dmin for q in pos):
-            pos.append(p)
-    return cs.System(np.array(pos), np.resize([8, 1, 1], n))
+    return random_cluster(n, seed, species=(8, 1, 1), box=box, min_distance=dmin)
 
 
 def _rocksalt(nx=2, a=5.64, rattle=0.1, seed=1) -> cs.System:

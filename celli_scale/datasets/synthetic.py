@@ -46,15 +46,19 @@ def rocksalt(n: int = 2, a: float = 5.64, rattle: float = 0.0, seed: int = 0) ->
 
 
 def random_cluster(
-    n: int = 6, seed: int = 0, species: tuple[int, ...] = (1, 8), box: float = 4.0
+    n: int = 6,
+    seed: int = 0,
+    species: tuple[int, ...] = (1, 8),
+    box: float = 4.0,
+    min_distance: float = 0.9,
 ) -> System:
-    """A random open cluster of ``n`` atoms in a ``box`` Å cube, at least 0.9 Å apart,
-    species cycling through ``species``."""
+    """A random open cluster of ``n`` atoms in a ``box`` Å cube, at least ``min_distance``
+    Å apart, species cycling through ``species``."""
     rng = np.random.default_rng(seed)
     pos: list[np.ndarray] = []
     while len(pos) < n:
         p = rng.uniform(0, box, 3)
-        if all(np.linalg.norm(p - q) > 0.9 for q in pos):
+        if all(np.linalg.norm(p - q) > min_distance for q in pos):
             pos.append(p)
     z = np.resize(np.asarray(species), n)
     return System(np.array(pos), z)
