@@ -214,10 +214,6 @@ def _grow(need: int, have: int, growth: float) -> int:
     return max(new, int(math.ceil(1.5 * have)) if have > 0 else 0)
 
 
-def _chunk_shape(chunks: int, widths: np.ndarray) -> tuple[int, int, int]:
-    return mesh_for(chunks, widths)
-
-
 def _interval_hits(u: np.ndarray, h: float, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Sub-brick indices ``j`` (of ``k`` unit-wide ones) whose interval expanded by ``h``
     contains ``u``: ``j − h ≤ u < j + 1 + h``, as ``[lo, hi]`` per entry (clipped)."""
@@ -420,10 +416,8 @@ def decompose(
         owned_ids[s, : len(owned[s])] = owned[s]
 
     tick("sub-bricks and pairs")
-    from scipy.spatial import cKDTree
-
     widths = frame.spacing / n_mesh
-    chunk_shape = _chunk_shape(int(chunks), widths)
+    chunk_shape = mesh_for(int(chunks), widths)
     k_arr = np.asarray(chunk_shape)
     n_sub = int(np.prod(k_arr))
     zmap = species_map or (lambda z: z)
@@ -459,13 +453,10 @@ def decompose(
                 centre = is_own | np.all((ue >= jc - reach_sub) & (ue < jc + 1 + reach_sub), axis=1)
             else:
                 centre = is_own
-            pairs = cKDTree(x).query_pairs(list_cut, output_type="ndarray")
-            snd = np.concatenate([pairs[:, 0], pairs[:, 1]])
-            rcv = np.concatenate([pairs[:, 1], pairs[:, 0]])
+            snd, rcv, _, dist = cellmod.host_pairs(x, None, False, list_cut)
             keep = centre[snd]
             snd, rcv = snd[keep], rcv[keep]
-            d = x[rcv] - x[snd]
-            max_cut = max(max_cut, int(np.sum(np.sum(d * d, axis=1) < float(r_cut) ** 2)))
+            max_cut = max(max_cut, int(np.sum(dist[keep] < float(r_cut))))
             rows.append((bidx, is_own, snd, rcv))
             max_nodes = max(max_nodes, len(bidx))
             max_edges = max(max_edges, len(snd))

@@ -117,6 +117,16 @@ def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
     return len(old) == len(new) and any(b > a for a, b in zip(old, new, strict=True))
 
 
+def _structure_key(system: System) -> tuple:
+    """What a decomposition is valid for besides positions: atom count, species, cell, pbc."""
+    return (
+        system.n_atoms,
+        np.asarray(system.species).tobytes(),
+        None if system.cell is None else np.asarray(system.cell, float).tobytes(),
+        tuple(system.pbc),
+    )
+
+
 def _devices(n: int) -> list[Any]:
     have = jax.devices()
     if n > len(have):
@@ -218,6 +228,7 @@ class ShardedPotential:
         self._key: tuple | None = None
         self._system: System | None = None
         self._fns: dict[tuple, Any] = {}
+        self._meshes: dict[tuple[int, int, int], Mesh] = {}
         self._shard_of: np.ndarray | None = None
         self.stats: ShardStats | None = None
         self._n_decomp = 0
@@ -303,12 +314,7 @@ class ShardedPotential:
         self._plan = plan
         self._system = system
         self._raw = np.asarray(system.positions, dtype=float).copy()
-        self._key = (
-            system.n_atoms,
-            tuple(np.asarray(system.species).tolist()),
-            None if system.cell is None else np.asarray(system.cell, float).tobytes(),
-            tuple(system.pbc),
-        )
+        self._key = _structure_key(system)
         self._arrays = self._device_arrays(plan)
         owned, ghosts = plan.n_owned(), plan.n_ghost()
         self.stats = ShardStats(
@@ -332,7 +338,11 @@ class ShardedPotential:
         return plan
 
     def _mesh(self, shape: tuple[int, int, int]) -> Mesh:
-        return Mesh(np.asarray(self._device_list, dtype=object).reshape(shape), halo.MESH_AXES)
+        """The 3-D device mesh of ``shape`` (built once per shape: every call uses it)."""
+        if shape not in self._meshes:
+            devs = np.asarray(self._device_list, dtype=object).reshape(shape)
+            self._meshes[shape] = Mesh(devs, halo.MESH_AXES)
+        return self._meshes[shape]
 
     def _device_arrays(self, plan: domains.Decomposition) -> Any:
         sharding = NamedSharding(self._mesh(plan.mesh_shape), P(halo.MESH_AXES))
@@ -358,13 +368,7 @@ class ShardedPotential:
         """Whether ``system`` needs a new decomposition; else its owned positions."""
         if self._plan is None:
             return True, None
-        key = (
-            system.n_atoms,
-            tuple(np.asarray(system.species).tolist()),
-            None if system.cell is None else np.asarray(system.cell, float).tobytes(),
-            tuple(system.pbc),
-        )
-        if key != self._key:
+        if _structure_key(system) != self._key:
             return True, None
         disp = np.asarray(system.positions, dtype=float) - self._raw
         pbc = np.asarray(system.pbc, dtype=bool)
