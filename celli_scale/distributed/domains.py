@@ -258,6 +258,7 @@ def decompose(
     capacities: dict[str, Any] | None = None,
     growth: float = 1.2,
     progress: Any = None,
+    sub_halo: float | None = None,
 ) -> Decomposition:
     """Cut ``system`` into bricks over ``mesh_shape`` (mesh axis ``k`` cuts frame axis
     ``k``) and plan the halo exchange and the sub-bricks.
@@ -281,6 +282,9 @@ def decompose(
       capacities: sizes to pad to at least (a previous plan's :attr:`Decomposition.capacities`);
         a need beyond one grows it by ``growth`` (the caller sees the new sizes).
       progress: optional callable ``progress(step_name)`` called per phase.
+      sub_halo: ghost width of the sub-bricks the model is evaluated on (Å, skin
+        included; default ``halo``). CELLI's halo also holds the electrostatics' real-space
+        cut-off, wider than the model needs: its sub-bricks take only ``sub_halo``.
 
     Raises:
       ValueError: a bad mesh shape or chunk count, or a periodic axis split into bricks
@@ -423,7 +427,8 @@ def decompose(
     zmap = species_map or (lambda z: z)
     species = np.asarray(system.species)
     per_sub: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = []
-    h_sub = hfrac * n_mesh * k_arr
+    h_sub = hfrac if sub_halo is None else min(float(sub_halo), halo) / frame.spacing
+    h_sub = h_sub * n_mesh * k_arr
     reach_sub = ((reach + skin) / frame.spacing) * n_mesh * k_arr
     list_cut = float(r_cut) + float(skin)
     max_nodes = max_edges = max_cut = 1
@@ -492,8 +497,55 @@ def decompose(
     )  # fmt: skip
 
 
+@dataclass
+class OwnedPairs:
+    """Per shard, every ordered pair ``(i, j)`` of an owned atom ``i`` and a buffer entry
+    ``j`` (owned or ghost image) closer than ``cutoff``: the real-space part of the
+    distributed electrostatics. Arrays ``(S, E)``: ``centers`` index the owned slots,
+    ``others`` the buffer; ``mask`` marks real pairs."""
+
+    cutoff: float
+    centers: np.ndarray
+    others: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return int(self.centers.shape[1])
+
+
+def owned_pairs(
+    plan: Decomposition, cell: np.ndarray | None, cutoff: float, capacity: int = 0,
+    growth: float = 1.2,
+) -> OwnedPairs:  # fmt: skip
+    """:class:`OwnedPairs` within ``cutoff`` Å (``plan.halo`` must cover it), padded to
+    at least ``capacity`` (grown by ``growth`` when more are needed)."""
+    if cutoff > plan.halo * (1 + 1e-12):
+        raise ValueError(f"pair cut-off {cutoff:.4g} Å exceeds the halo {plan.halo:.4g} Å")
+    pbc = np.asarray(plan.frame.periodic)
+    rows = np.where(pbc[:, None], np.zeros((3, 3)) if cell is None else np.asarray(cell), 0.0)
+    c_own = plan.owned_ids.shape[1]
+    found = []
+    for s in range(plan.n_shards):
+        valid = np.flatnonzero(plan.buffer_ids[s] >= 0)
+        x = plan.positions[plan.buffer_ids[s, valid]] + plan.buffer_shift[s, valid] @ rows
+        n_o = int(np.sum(valid < c_own))
+        i, j, _, _ = cellmod.host_pairs(x, None, False, cutoff)
+        keep = i < n_o  # owned slots come first in the buffer
+        found.append((valid[i[keep]], valid[j[keep]]))
+    cap = _grow(max(len(i) for i, _ in found), capacity, growth)
+    centers = np.zeros((plan.n_shards, cap), np.int32)
+    others = np.zeros((plan.n_shards, cap), np.int32)
+    mask = np.zeros((plan.n_shards, cap), bool)
+    for s, (i, j) in enumerate(found):
+        centers[s, : len(i)], others[s, : len(j)], mask[s, : len(i)] = i, j, True
+    return OwnedPairs(float(cutoff), centers, others, mask)
+
+
 __all__ = [
     "SKIN",
+    "OwnedPairs",
+    "owned_pairs",
     "Decomposition",
     "Frame",
     "Stage",

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from celli_scale import cell as cellmod
 from celli_scale.distributed import domains, halo
+from celli_scale.distributed import qeq as dq
 from celli_scale.models import Graph
 from celli_scale.potential import Potential, PotentialOutput
 from celli_scale.system import System
@@ -61,6 +62,10 @@ class ShardStats:
       capacity_growths: decompositions that needed larger arrays (a recompilation).
       migrated: atoms whose shard changed at the last re-decomposition.
       capacities: the padded array sizes in use.
+      qeq_method: CELLI's electrostatics on the shards (``"ewald"``, ``"pme"``,
+        ``"direct"``), else None. qeq_iterations: CG iterations of the last call's charge
+        solve and adjoint solve. qeq_bytes_per_iteration: communication volume of one CG
+        iteration (:func:`celli_scale.distributed.qeq.bytes_per_iteration`).
     """
 
     mesh_shape: tuple[int, int, int]
@@ -77,6 +82,9 @@ class ShardStats:
     capacity_growths: int = 0
     migrated: int = 0
     capacities: dict[str, Any] = field(default_factory=dict)
+    qeq_method: str | None = None
+    qeq_iterations: tuple[int, int] | None = None
+    qeq_bytes_per_iteration: dict[str, int] | None = None
 
     def summary(self) -> str:
         """A few lines for humans (the CLI prints them)."""
@@ -95,6 +103,14 @@ class ShardStats:
                 f"decompositions: {self.decompositions} (capacity growths "
                 f"{self.capacity_growths}, atoms migrated last time {self.migrated})",
             ]
+            + (
+                [
+                    f"distributed Qeq: {self.qeq_method}, CG iterations (charges, adjoint) "
+                    f"{self.qeq_iterations}, bytes per iteration {self.qeq_bytes_per_iteration}"
+                ]
+                if self.qeq_method
+                else []
+            )
         )
 
 
@@ -177,12 +193,6 @@ class ShardedPotential:
     ) -> None:
         if not isinstance(pot, Potential):
             raise ValueError(f"ShardedPotential needs a Potential, got {type(pot).__name__}")
-        if pot.is_charge_model:
-            raise NotImplementedError(
-                f"{pot.config.name}: the sharded path does not yet solve the charge "
-                "equilibration across devices (the distributed Qeq); evaluate it with "
-                "Potential, or shard Allegro, NequIP or MACE"
-            )
         if sum(x is not None for x in (devices, mesh, mesh_shape)) > 1:
             raise ValueError("give one of devices=, mesh= or mesh_shape=")
         if isinstance(chunks, bool) or not isinstance(chunks, int | np.integer) or chunks < 1:
@@ -235,6 +245,10 @@ class ShardedPotential:
         self._n_growth = 0
         self._params_key: tuple | None = None
         self._params_dev: Any = None
+        # CELLI: electrostatics, the owned pair list, warm starts of both Qeq solves
+        self._elec: Any = None
+        self._warm: tuple[np.ndarray, np.ndarray] | None = None
+        self._elec_cap = 0
 
     # -- delegation ---------------------------------------------------------------------
     @property
@@ -251,7 +265,7 @@ class ShardedPotential:
 
     @property
     def is_charge_model(self) -> bool:
-        return False
+        return self.pot.is_charge_model
 
     @property
     def decomposition(self) -> domains.Decomposition | None:
@@ -281,10 +295,16 @@ class ShardedPotential:
                 bar.update(1)
 
         before = dict(self._caps)
+        halo_width, sub_halo, elec = self.halo, None, None
+        if self.is_charge_model:
+            elec = self._electrostatics(system)
+            halo_width = max(self.config.receptive_field, elec["r_cut"]) + self.skin
+            sub_halo = self.config.receptive_field + self.skin
         plan = domains.decompose(
             system,
             shape,
-            halo=self.halo,
+            halo=halo_width,
+            sub_halo=sub_halo,
             reach=self.reach,
             r_cut=self.config.r_cut,
             skin=self.skin,
@@ -315,6 +335,8 @@ class ShardedPotential:
         self._system = system
         self._raw = np.asarray(system.positions, dtype=float).copy()
         self._key = _structure_key(system)
+        if elec is not None:
+            self._elec = self._elec_plan(system, plan, elec)
         self._arrays = self._device_arrays(plan)
         owned, ghosts = plan.n_owned(), plan.n_ghost()
         self.stats = ShardStats(
@@ -335,7 +357,70 @@ class ShardedPotential:
             migrated=migrated,
             capacities=caps,
         )
+        if elec is not None:
+            self.stats.capacities = dict(caps, elec_pairs=self._elec_cap)
+            self.stats.capacity_growths = self._n_growth
+            self.stats.qeq_method = self._elec["layout"].method
+            self.stats.qeq_bytes_per_iteration = dq.bytes_per_iteration(
+                self._elec["layout"], plan, np.dtype(self.config.dtype).itemsize
+            )
         return plan
+
+    # -- CELLI: the distributed charge equilibration -------------------------------------
+    def _electrostatics(self, system: System) -> dict[str, Any]:
+        """Electrostatics parameters of ``system`` as single-device CELLI prepares them
+        (widths up to ``elec_sigma_max``); ``elec_method="auto"`` picks Ewald or PME for
+        the device count (:func:`celli_scale.distributed.qeq.choose_method`)."""
+        from celli_scale import electrostatics as el
+
+        cfg = self.config
+        if any(system.pbc) and not all(system.pbc):
+            raise NotImplementedError(
+                f"CELLI electrostatics for partly periodic systems (pbc={tuple(system.pbc)}) "
+                "is not implemented; use a fully periodic cell with vacuum or an open system"
+            )
+        sigma = np.full(system.n_atoms, float(cfg.elec_sigma_max))
+        method = cfg.elec_method
+        if method == "auto":
+            method = dq.choose_method(system, self._n_devices, cfg.elec_accuracy, sigma)
+        params = el.prepare(system, method=method, accuracy=cfg.elec_accuracy, sigma=sigma)
+        return {"params": params, "r_cut": float(params.r_cut) if params.periodic else 0.0}
+
+    def _elec_plan(self, system: System, plan: domains.Decomposition, elec: dict) -> dict:
+        params = elec["params"]
+        cell = None if system.cell is None else np.asarray(system.cell, float)
+        n_sh = plan.n_shards
+        if params.periodic:
+            old = self._elec_cap
+            pairs = domains.owned_pairs(
+                plan, cell, elec["r_cut"] + self.skin, old, self.capacity_growth
+            )
+            self._elec_cap = pairs.capacity
+            if 0 < old < pairs.capacity:
+                self._n_growth += 1
+            pair_arrays = (pairs.centers, pairs.others, pairs.mask)
+        else:
+            pair_arrays = (np.zeros((n_sh, 1), np.int32),) * 2 + (np.zeros((n_sh, 1), bool),)
+        ids = plan.buffer_ids
+        species = self.pot.species_index(np.asarray(system.species))
+        buf_species = np.where(ids >= 0, species[np.maximum(ids, 0)], 0).astype(np.int32)
+        layout = dq.Layout(
+            method=params.method, n_own=int(plan.owned_ids.shape[1]),
+            n_buffer=int(ids.shape[1]), specs=halo.stage_specs(plan.stages), n_groups=1,
+            n_shards=n_sh, alpha=float(params.alpha), r_cut=elec["r_cut"],
+            grid=tuple(params.grid), order=int(params.order), gaussian=True,
+            n_k=int(params.kvecs.shape[0]),
+        )  # fmt: skip
+        mesh = self._mesh(plan.mesh_shape)
+        return {
+            "params": jax.device_put(params, NamedSharding(mesh, P())),
+            "layout": layout,
+            "host": {
+                "pairs": pair_arrays,
+                "buf_species": buf_species,
+                "own_mask": plan.owned_ids >= 0,
+            },
+        }
 
     def _mesh(self, shape: tuple[int, int, int]) -> Mesh:
         """The 3-D device mesh of ``shape`` (built once per shape: every call uses it)."""
@@ -361,6 +446,8 @@ class ShardedPotential:
                 plan.edge_mask,
             ),
         }
+        if self._elec is not None:
+            host.update(self._elec["host"])
         return jax.device_put(host, sharding)
 
     # -- evaluation ---------------------------------------------------------------------
@@ -413,10 +500,17 @@ class ShardedPotential:
         pbc = np.asarray(system.pbc, dtype=bool)
         cell = np.where(pbc[:, None], cell, 0.0)  # open axes never shift an image
         cell_j = jnp.asarray(cell, dtype)
+        extra: dict[str, Any] = {}
         while True:
             fn = self._function(plan)
             params = self._replicated_params(mesh)
-            forces, node_e, energy, virial, n_max = fn(params, cell_j, own, self._arrays)
+            if self.is_charge_model:
+                warm = self._warm_start(system.n_atoms, plan, dtype, mesh)
+                q_tot = jnp.asarray(float(system.total_charge), dtype)
+                out = fn(params, cell_j, own, self._arrays, q_tot, *warm)
+                forces, node_e, energy, virial, n_max, extra = out
+            else:
+                forces, node_e, energy, virial, n_max = fn(params, cell_j, own, self._arrays)
             need = int(n_max)
             if need <= plan.cut_capacity:
                 break
@@ -436,6 +530,9 @@ class ShardedPotential:
         e_out = np.zeros(n, node_e.dtype)
         f_out[plan.owned_ids[ok]] = forces[ok]
         e_out[plan.owned_ids[ok]] = node_e[ok]
+        charges = elec_energy = None
+        if self.is_charge_model:
+            charges, elec_energy = self._check_qeq(extra, plan, n)
         stress = None
         if pbc.all():
             vol = abs(np.linalg.det(cell))
@@ -447,7 +544,52 @@ class ShardedPotential:
             forces=jnp.asarray(f_out),
             stress=stress,
             node_energies=jnp.asarray(e_out),
+            charges=charges,
+            elec_energy=elec_energy,
         )
+
+    def _warm_start(self, n: int, plan: domains.Decomposition, dtype, mesh) -> tuple:
+        """Owned-slot seeds of both Qeq solves: the last call's charges and adjoint (by atom,
+        so they survive migration); zeros on the first call (the cold start)."""
+        q, mu = self._warm if self._warm is not None and self._warm[0].shape == (n,) else (
+            np.zeros(n), np.zeros(n)
+        )  # fmt: skip
+        ok = plan.owned_ids >= 0
+        out = []
+        for v in (q, mu):
+            a = np.zeros(plan.owned_ids.shape)
+            a[ok] = v[plan.owned_ids[ok]]
+            out.append(
+                jax.device_put(jnp.asarray(a, dtype), NamedSharding(mesh, P(halo.MESH_AXES)))
+            )
+        return tuple(out)
+
+    def _check_qeq(self, extra: dict, plan: domains.Decomposition, n: int):
+        """Host check of both distributed solves (as :func:`celli_scale.qeq.check`),
+        then the charges in the system's order; keeps them as the next warm start."""
+        from celli_scale.qeq import QeqConvergenceError, check_residual
+
+        ok = plan.owned_ids >= 0
+        its = (int(extra["iterations"]), int(extra["adj_iterations"]))
+        self.stats.qeq_iterations = its
+        if bool(extra["indefinite"]) or bool(extra["adj_indefinite"]):
+            raise ValueError(
+                "CELLI's Qeq matrix is not positive definite on the charge-conservation "
+                "surface (atoms too close together, or unphysical hardness/widths)"
+            )
+        tol = self.pot.qeq_tol
+        check_residual(extra["residual"], tol, where=" (distributed, charges)")
+        if not bool(extra["adj_converged"]):
+            raise QeqConvergenceError(
+                "distributed Qeq adjoint solve (forces) did not converge: relative residual "
+                f"{float(extra['adj_residual']):.3g} after {its[1]} iterations"
+            )
+        q_sh, mu_sh = np.asarray(extra["q"]), np.asarray(extra["mu"])
+        q, mu = np.zeros(n, q_sh.dtype), np.zeros(n, mu_sh.dtype)
+        q[plan.owned_ids[ok]] = q_sh[ok]
+        mu[plan.owned_ids[ok]] = mu_sh[ok]
+        self._warm = (q, mu)
+        return jnp.asarray(q), jnp.asarray(extra["elec_energy"])
 
     def _replicated_params(self, mesh: Mesh) -> Any:
         """The parameters on every device of ``mesh`` (a loaded potential's live on one
@@ -464,34 +606,49 @@ class ShardedPotential:
         n_buf = int(plan.buffer_ids.shape[1])
         cut = plan.cut_capacity
         key = (plan.mesh_shape, specs, c_own, n_buf, plan.sub_idx.shape, plan.senders.shape, cut)
+        if self._elec is not None:
+            layout = self._elec["layout"]
+            key = (*key, layout, self._elec_cap)
+            if key not in self._fns:
+                self._fns[key] = self._build_celli(
+                    plan.mesh_shape, specs, c_own, n_buf, cut, layout
+                )
+            return self._fns[key]
         if key not in self._fns:
             self._fns[key] = self._build(plan.mesh_shape, specs, c_own, n_buf, cut)
         return self._fns[key]
 
+    def _sub_graph(self, x, sub, cut_cap: int):
+        """A sub-brick's graph: its (r_cut + skin) list compacted on the device to the
+        pairs within r_cut, so the skin costs no model work (more pairs than ``cut_cap``:
+        ``count`` reports it and the host answers with a larger capacity)."""
+        rc2 = float(self.config.r_cut) ** 2
+        dtype = self.config.jnp_dtype
+        _, nmask, _, species, snd, rcv, emask = sub
+        vec = x[rcv] - x[snd]
+        within = emask & (jnp.sum(vec * vec, axis=-1) < rc2)
+        count = jnp.sum(within, dtype=jnp.int32)
+        sel = jnp.nonzero(within, size=cut_cap, fill_value=0)[0]
+        graph = Graph(
+            positions=x,
+            species=species,
+            node_mask=nmask,
+            cell=jnp.zeros((3, 3), dtype),
+            total_charge=jnp.zeros((), dtype),
+            senders=snd[sel],
+            receivers=rcv[sel],
+            shifts=jnp.zeros((cut_cap, 3), dtype),
+            edge_mask=jnp.arange(cut_cap) < count,
+        )
+        return graph, count
+
     def _build(self, mesh_shape, specs, c_own: int, n_buf: int, cut_cap: int):
         model = self.model
-        rc2 = float(self.config.r_cut) ** 2
         dtype = self.config.jnp_dtype
 
         def chunk_energy(params, x, sub):
-            _, nmask, owned, species, snd, rcv, emask = sub
-            vec = x[rcv] - x[snd]
-            within = emask & (jnp.sum(vec * vec, axis=-1) < rc2)
-            # compact the (r_cut + skin) list to the pairs within r_cut: the skin then
-            # costs no model work (more pairs than cut_cap: reported, answered on the host)
-            count = jnp.sum(within, dtype=jnp.int32)
-            sel = jnp.nonzero(within, size=cut_cap, fill_value=0)[0]
-            graph = Graph(
-                positions=x,
-                species=species,
-                node_mask=nmask,
-                cell=jnp.zeros((3, 3), dtype),
-                total_charge=jnp.zeros((), dtype),
-                senders=snd[sel],
-                receivers=rcv[sel],
-                shifts=jnp.zeros((cut_cap, 3), dtype),
-                edge_mask=jnp.arange(cut_cap) < count,
-            )
+            owned = sub[2]
+            graph, count = self._sub_graph(x, sub, cut_cap)
             out = model.apply(params, graph)
             energy = jnp.sum(jnp.where(owned, out.node_energies, 0.0))
             return energy, (out.node_energies, count)
@@ -538,6 +695,154 @@ class ShardedPotential:
             check_vma=False,
         )
         return jax.jit(fn)
+
+    def _build_celli(self, mesh_shape, specs, c_own: int, n_buf: int, cut_cap: int, layout):
+        """CELLI over the shards: χ from the layers before the Qeq layer (pass A), the
+        distributed Qeq, the local energy with halo-exchanged charges (pass B: its
+        gradients w.r.t. positions and charges), the distributed adjoint solve for the
+        charges' response, the χ path of the forces (pass C) and the electrostatic terms
+        (:func:`celli_scale.distributed.qeq.shard_bilinear_grads`). Nothing is
+        differentiated through a collective or a CG iteration."""
+        from celli_scale.models.celli import species_qeq_parameters
+
+        model = self.model
+        cfg = self.config
+        dtype = cfg.jnp_dtype
+        tol = float(self.pot.qeq_tol)
+        maxiter = cfg.qeq_maxiter or max(100, 2 * c_own * layout.n_shards)
+        sub_graph = self._sub_graph
+
+        def scatter_owned(vals, idx, owned, values):
+            return vals.at[jnp.where(owned, idx, c_own)].add(values, mode="drop")
+
+        def shard_fn(params, eparams, cell, own, arrays, q_tot, q0, mu0):
+            a = jax.tree_util.tree_map(lambda v: v[0], arrays)
+            own, q0, mu0 = own[0], q0[0], mu0[0]
+            send_idx, send_mask = a["send_idx"], a["send_mask"]
+            x_buf = halo.forward(own, n_buf, specs, send_idx, a["wrap"], cell)
+            subs = a["sub"]
+
+            # pass A: electronegativities of the owned atoms
+            def chi_body(chi, sub):
+                idx, owned = sub[0], sub[2]
+                graph, count = sub_graph(x_buf[idx], sub, cut_cap)
+                out = model.apply(params, graph, chi_only=True)
+                return scatter_owned(chi, idx, owned, out.chi), count
+
+            chi, counts = jax.lax.scan(chi_body, jnp.zeros((c_own,), dtype), subs)
+            hard_z, sigma_z = species_qeq_parameters(params, cfg)
+            sp = a["buf_species"]
+            sigma_buf = sigma_z[sp]
+            hard = hard_z[sp[:c_own]]
+            mask = a["own_mask"]
+            gid = jnp.zeros((c_own,), jnp.int32)
+            geom = dq.shard_setup(layout, eparams, cell, x_buf, sigma_buf, mask, gid, a["pairs"])
+            sol = dq.shard_cg(
+                layout, geom, send_idx, hard, -chi, q_tot[None], q0=q0, tol=tol, maxiter=maxiter
+            )
+            q = sol.x
+            phi_el, _ = dq.shard_matvec(layout, geom, send_idx, q)
+            e_el = 0.5 * jax.lax.psum(jnp.dot(q, phi_el), halo.MESH_AXES)
+            q_buf = halo.forward(q, n_buf, specs, send_idx)
+
+            # pass B: local energy with the charges given; its gradients
+            def local_energy(x, qs, sub):
+                graph, count = sub_graph(x, sub, cut_cap)
+                out = model.apply(params, graph, charges=qs)
+                return jnp.sum(jnp.where(sub[2], out.node_energies, 0.0)), (
+                    out.node_energies,
+                    count,
+                )
+
+            def b_body(carry, sub):
+                gx, gq, vir, node_e, e_sum, n_max = carry
+                idx, nmask, owned = sub[0], sub[1], sub[2]
+                x = x_buf[idx]
+                (e, (ne, count)), (g, h) = jax.value_and_grad(
+                    local_energy, argnums=(0, 1), has_aux=True
+                )(x, q_buf[idx], sub)
+                g = jnp.where(nmask[:, None], g, 0.0)
+                gx = gx.at[idx].add(g)
+                gq = gq.at[idx].add(jnp.where(nmask, h, 0.0))
+                vir = vir + jnp.where(nmask[:, None], x, 0.0).T @ g
+                node_e = scatter_owned(node_e, idx, owned, ne)
+                return (gx, gq, vir, node_e, e_sum + e, jnp.maximum(n_max, count)), None
+
+            init = (
+                jnp.zeros((n_buf, 3), dtype),
+                jnp.zeros((n_buf,), dtype),
+                jnp.zeros((3, 3), dtype),
+                jnp.zeros((c_own,), dtype),
+                jnp.zeros((), dtype),
+                jnp.max(counts),
+            )
+            (gx, gq, vir, node_e, e_loc, n_max), _ = jax.lax.scan(b_body, init, subs)
+
+            # the charges' response: adjoint solve with dE/dq (local + electrostatic)
+            dedq = halo.reverse(gq, c_own, specs, send_idx, send_mask) + phi_el
+            adj = dq.shard_cg(
+                layout, geom, send_idx, hard, dedq, jnp.zeros((1,), dtype), q0=mu0, tol=tol,
+                maxiter=maxiter,
+            )  # fmt: skip
+            mu = adj.x
+            mu_buf = jnp.zeros((n_buf,), dtype).at[:c_own].set(mu)
+
+            # pass C: dE/dχ = −μ through the layers before the Qeq layer
+            def chi_term(x, sub):
+                idx, owned = sub[0], sub[2]
+                graph, _ = sub_graph(x, sub, cut_cap)
+                out = model.apply(params, graph, chi_only=True)
+                return -jnp.sum(jnp.where(owned, mu_buf[idx] * out.chi, 0.0))
+
+            def c_body(carry, sub):
+                gx, vir = carry
+                idx, nmask = sub[0], sub[1]
+                x = x_buf[idx]
+                g = jnp.where(nmask[:, None], jax.grad(chi_term)(x, sub), 0.0)
+                return (gx.at[idx].add(g), vir + jnp.where(nmask[:, None], x, 0.0).T @ g), None
+
+            (gx, vir), _ = jax.lax.scan(c_body, (gx, vir), subs)
+
+            # electrostatics: E_el = ½ qᵀA q at fixed q, and −μᵀ (∂A/∂x) q
+            g_buf, g_own, vir_el, w_cell = dq.shard_bilinear_grads(
+                layout, eparams, cell, x_buf, sigma_buf, mask, a["pairs"], 0.5 * q - mu, q, q_buf
+            )
+            grad = halo.reverse(gx + g_buf, c_own, specs, send_idx, send_mask) + g_own
+            axes = halo.MESH_AXES
+            energy = jax.lax.psum(e_loc, axes) + e_el
+            virial = jax.lax.psum(vir + vir_el, axes) + w_cell
+            n_max = jax.lax.pmax(n_max, axes)
+            extra = {
+                "q": q[None], "mu": mu[None], "elec_energy": e_el,
+                "iterations": sol.iterations, "residual": sol.residual,
+                "converged": sol.converged, "indefinite": sol.indefinite,
+                "adj_iterations": adj.iterations, "adj_residual": adj.residual,
+                "adj_converged": adj.converged, "adj_indefinite": adj.indefinite,
+            }  # fmt: skip
+            return -grad[None], node_e[None], energy, virial, n_max, extra
+
+        spec = P(halo.MESH_AXES)
+        extra_specs = {
+            k: (spec if k in ("q", "mu") else P())
+            for k in (
+                "q", "mu", "elec_energy", "iterations", "residual", "converged", "indefinite",
+                "adj_iterations", "adj_residual", "adj_converged", "adj_indefinite",
+            )
+        }  # fmt: skip
+        fn = jax.jit(
+            jax.shard_map(
+                shard_fn,
+                mesh=self._mesh(mesh_shape),
+                in_specs=(P(), P(), P(), spec, spec, P(), spec, spec),
+                out_specs=(spec, spec, P(), P(), P(), extra_specs),
+                check_vma=False,
+            )
+        )
+
+        def call(params, cell, own, arrays, q_tot, q0, mu0):
+            return fn(params, self._elec["params"], cell, own, arrays, q_tot, q0, mu0)
+
+        return call
 
 
 __all__ = ["ShardStats", "ShardedPotential"]

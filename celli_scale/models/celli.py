@@ -29,6 +29,7 @@ learnable width) and, for periodic systems, ``elec_neighbors``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -158,13 +159,38 @@ class CELLIConfig(AllegroConfig):
             object.__setattr__(self, key, widths)
 
 
+def species_hardness(raw: jax.Array) -> jax.Array:
+    """Per-species hardness ``J = softplus(raw) > 0`` (eV/e²)."""
+    return jax.nn.softplus(raw)
+
+
+def species_sigma(raw: jax.Array, sigma_max: float) -> jax.Array:
+    """Per-species Gaussian width ``σ = min(softplus(raw), sigma_max) > 0`` (Å)."""
+    return jnp.minimum(jax.nn.softplus(raw), sigma_max)
+
+
+def species_qeq_parameters(params: Any, config: CELLIConfig) -> tuple[jax.Array, jax.Array]:
+    """``(J_Z, σ_Z)`` per species index from a CELLI parameter tree (they depend on the
+    species only; the distributed Qeq reads them here instead of running the model)."""
+    q = params["params"]["qeq"]
+    dt = config.jnp_dtype
+    return (
+        species_hardness(jnp.asarray(q["hardness_raw"], dt)),
+        species_sigma(jnp.asarray(q["sigma_raw"], dt), config.elec_sigma_max),
+    )
+
+
 class ChargeEquilibration(nn.Module):
-    """``(χ, J, σ)`` from the edge latents, then the Qeq solve: returns ``(QeqResult, σ)``."""
+    """``(χ, J, σ)`` from the edge latents, then (``solve=True``) the Qeq solve.
+
+    Returns ``(QeqResult | None, χ, J, σ)`` (per atom)."""
 
     config: CELLIConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, graph: Graph, edges: EdgeInputs, n_nodes: int):
+    def __call__(
+        self, x: jax.Array, graph: Graph, edges: EdgeInputs, n_nodes: int, solve: bool = True
+    ):
         cfg = self.config
         dt = cfg.jnp_dtype
         ns = cfg.n_species
@@ -179,8 +205,10 @@ class ChargeEquilibration(nn.Module):
         raw_s = self.param(
             "sigma_raw", lambda k, s: jnp.full(s, _inv_softplus(cfg.sigma_init), dt), (ns,)
         )
-        hardness = jax.nn.softplus(raw_j)[graph.species]
-        sigma = jnp.minimum(jax.nn.softplus(raw_s), cfg.elec_sigma_max)[graph.species]
+        hardness = species_hardness(raw_j)[graph.species]
+        sigma = species_sigma(raw_s, cfg.elec_sigma_max)[graph.species]
+        if not solve:
+            return None, chi, hardness, sigma
         if graph.elec_params is None:
             raise ValueError(
                 "CELLI needs graph.elec_params (electrostatics.prepare); build the graph "
@@ -201,7 +229,7 @@ class ChargeEquilibration(nn.Module):
             tol=cfg.qeq_tol,
             maxiter=cfg.qeq_maxiter,
         )
-        return result, sigma
+        return result, chi, hardness, sigma
 
 
 class ChargeFeedback(nn.Module):
@@ -227,12 +255,20 @@ class ChargeFeedback(nn.Module):
 
 class CELLI(nn.Module):
     """CELLI potential; ``apply(params, graph) -> ModelOutput`` with charges (e), the
-    electrostatic energy (eV) and the Qeq residual (checked on the host by the caller)."""
+    electrostatic energy (eV) and the Qeq residual (checked on the host by the caller).
+
+    ``apply(params, graph, charges=q)`` evaluates the local part only, with the charges
+    given instead of solved (the distributed Qeq solves them across devices): ``energy``
+    is then ``Σ_i E_i^local(q)`` and ``chi`` the electronegativities. ``chi_only=True``
+    stops after ``χ`` (``energy`` and ``node_energies`` are zero).
+    """
 
     config: CELLIConfig
 
     @nn.compact
-    def __call__(self, graph: Graph) -> ModelOutput:
+    def __call__(
+        self, graph: Graph, charges: jax.Array | None = None, chi_only: bool = False
+    ) -> ModelOutput:
         cfg = self.config
         graph = cast_graph(graph, cfg.jnp_dtype)
         n = graph.n_nodes
@@ -240,11 +276,18 @@ class CELLI(nn.Module):
         x, v = TwoBodyEmbedding(cfg, name="two_body")(
             graph.species, graph.senders, graph.receivers, edges
         )
-        result = sigma = None
+        given = charges is not None or chi_only
+        result = sigma = chi = q = None
         for k in range(cfg.n_layers + 1):
             if k == cfg.n_pre:  # the Qeq layer sits after layer n_pre - 1
-                result, sigma = ChargeEquilibration(cfg, name="qeq")(x, graph, edges, n)
-                x = ChargeFeedback(cfg, name="feedback")(x, result.charges, graph, edges)
+                result, chi, _, sigma = ChargeEquilibration(cfg, name="qeq")(
+                    x, graph, edges, n, solve=not given
+                )
+                if chi_only:
+                    zero = jnp.zeros((n,), cfg.jnp_dtype)
+                    return ModelOutput(energy=jnp.sum(zero), node_energies=zero, chi=chi)
+                q = result.charges if charges is None else charges.astype(cfg.jnp_dtype)
+                x = ChargeFeedback(cfg, name="feedback")(x, q, graph, edges)
             if k == cfg.n_layers:
                 break
             last = k == cfg.n_layers - 1
@@ -252,7 +295,8 @@ class CELLI(nn.Module):
                 x, v, graph.senders, n, edges
             )
         node_e = atomic_energies(cfg, x, graph, n, edges)
-        q = result.charges
+        if given:
+            return ModelOutput(energy=jnp.sum(node_e), node_energies=node_e, charges=q, chi=chi)
         cell = graph.cell if graph.elec_params.periodic else None
         e_elec = el.energy_arrays(
             graph.positions,
@@ -269,7 +313,16 @@ class CELLI(nn.Module):
             charges=q,
             elec_energy=e_elec,
             qeq_residual=result.residual,
+            chi=chi,
         )
 
 
-__all__ = ["CELLI", "CELLIConfig", "ChargeEquilibration", "ChargeFeedback"]
+__all__ = [
+    "CELLI",
+    "CELLIConfig",
+    "ChargeEquilibration",
+    "ChargeFeedback",
+    "species_hardness",
+    "species_qeq_parameters",
+    "species_sigma",
+]

@@ -71,7 +71,8 @@ class ModelOutput:
     zero on padding); charges: ``(N,)`` atomic charges (e) for charge-aware models, else None;
     elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
     qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
-    the host checks against the tolerance (a solve cannot raise inside jit).
+    the host checks against the tolerance (a solve cannot raise inside jit);
+    chi: ``(N,)`` electronegativities (eV/e, CELLI), else None.
     """
 
     energy: jax.Array
@@ -79,6 +80,7 @@ class ModelOutput:
     charges: jax.Array | None = None
     elec_energy: jax.Array | None = None
     qeq_residual: jax.Array | None = None
+    chi: jax.Array | None = None
 
 
 def cast_graph(graph: Graph, dtype: Any) -> Graph:
