@@ -24,7 +24,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import celli_scale as cs
-from celli_scale import models
 from celli_scale.datasets import nacl_grid
 from celli_scale.distributed import domains, halo
 from celli_scale.distributed.sharded import ShardedPotential
@@ -542,12 +541,6 @@ def test_ase_calculator_with_sharded_potential(pots, refs, sharded):
 # ---------------------------------------------------------------------------------------
 # 9. bad input
 # ---------------------------------------------------------------------------------------
-
-
-def test_celli_is_refused_naming_the_distributed_qeq():
-    pot = Potential(models.build(_config("celli")), None)
-    with pytest.raises(NotImplementedError, match="distributed Qeq"):
-        ShardedPotential(pot, devices=4)
 
 
 @pytest.mark.parametrize(

@@ -592,6 +592,7 @@ def solve(
     weights: Any = None,
     skin: float = domains.SKIN,
     check: bool = True,
+    _lower_only: bool = False,
 ) -> DistributedQeqResult:
     """Charge equilibration of ``system`` solved over a domain decomposition.
 
@@ -677,6 +678,8 @@ def solve(
     cell_j = jnp.asarray(np.where(np.asarray(system.pbc)[:, None], cell, 0.0), dt)
     fn = _solve_fn(layout, mesh, float(tol), maxiter or max(100, 2 * n), q0 is not None,
                    weights is not None)  # fmt: skip
+    if _lower_only:
+        return fn.lower(params, cell_j, jnp.asarray(gcharges, dt), arrays).as_text()
     out = fn(params, cell_j, jnp.asarray(gcharges, dt), arrays)
     res = DistributedQeqResult(
         charges=jnp.asarray(_gather(plan, out["q"], n)),
@@ -712,6 +715,55 @@ def solve(
 
 
 _SOLVE_FNS: dict = {}
+
+_COLLECTIVES = {
+    "all_reduce": "stablehlo.all_reduce",
+    "all_gather": "stablehlo.all_gather",
+    "collective_permute": "stablehlo.collective_permute",
+}
+
+
+def _regions(text: str, pattern: str) -> list[tuple[str, str]]:
+    """``(match, body)`` of every brace-delimited region opened by ``pattern``."""
+    import re
+
+    out = []
+    for m in re.finditer(pattern, text):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        out.append((m.group(0), text[m.end() : i]))
+    return out
+
+
+def loop_collectives(stablehlo_text: str) -> list[dict[str, int]]:
+    """Collectives executed per iteration of every ``stablehlo.while`` of a lowered
+    program (``jax.jit(f).lower(...).as_text()``), following calls into private functions:
+    ``[{"all_reduce": n, "all_gather": n, "collective_permute": n}, ...]``. The CG loop
+    is the body with the most collectives (the tests check ≤ 2 all-reduces in it)."""
+    import re
+
+    funcs = {
+        re.search(r"@([\w.$-]+)", head).group(1): body
+        for head, body in _regions(stablehlo_text, r"func\.func [^{]*?@[\w.$-]+\([^{]*\{")
+    }
+
+    def count(body: str, seen: tuple = ()) -> dict[str, int]:
+        c = {k: body.count(v) for k, v in _COLLECTIVES.items()}
+        for name in re.findall(r"call @([\w.$-]+)", body):
+            if name in funcs and name not in seen:
+                sub = count(funcs[name], (*seen, name))
+                c = {k: c[k] + sub[k] for k in c}
+        return c
+
+    return [count(body) for _, body in _regions(stablehlo_text, r"\bdo\s*\{")]
+
+
+def lowered_solve_text(system: System, chi: Any, hardness: Any, sigma: Any = None, **kw) -> str:
+    """The StableHLO text of the program :func:`solve` runs for these arguments (for
+    counting collectives; nothing is executed)."""
+    return solve(system, chi, hardness, sigma, _lower_only=True, **kw)
 
 
 def _solve_fn(layout, mesh, tol, maxiter, warm, adjoint):
@@ -787,6 +839,8 @@ __all__ = [
     "ShardSolve",
     "bytes_per_iteration",
     "choose_method",
+    "loop_collectives",
+    "lowered_solve_text",
     "shard_bilinear_grads",
     "shard_cg",
     "shard_matvec",
