@@ -487,8 +487,12 @@ def _has_volume(system: System) -> bool:
 
 
 def _dummy_system(config: ModelConfig) -> System:
-    """A small open structure with one atom of every species (for initialisation)."""
+    """A small structure with one atom of every species (for initialisation): open, or in
+    a periodic box when the model's electrostatics method needs one (Ewald, PME)."""
     z = np.asarray(config.species)
     n = max(2, z.size)
     pos = np.stack([np.arange(n) * 1.1, np.zeros(n), np.zeros(n)], axis=1)
+    if getattr(config, "elec_method", None) in ("ewald", "pme"):
+        side = max(12.0, 1.1 * n + 4.0, 8.0 * float(config.elec_sigma_max))
+        return System(pos, np.resize(z, n), cell=np.eye(3) * side, pbc=True)
     return System(pos, np.resize(z, n))

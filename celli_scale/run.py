@@ -209,6 +209,13 @@ def report_lines(out: Any, n_atoms: int, stress: np.ndarray | None) -> list[str]
         )
         p = -np.trace(stress) / 3.0
         lines.append(f"pressure: {p:.8e} eV/Å³ ({p / GPa:.5f} GPa)")
+    charges = getattr(out, "charges", None)
+    if charges is not None:
+        q = np.asarray(charges, dtype=float)
+        lines.append(
+            f"charges (e): total {q.sum():.10f}, min {q.min(initial=0.0):.6f}, "
+            f"max {q.max(initial=0.0):.6f}; electrostatic energy {float(out.elec_energy):.10f} eV"
+        )
     return lines
 
 
@@ -262,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
             system,
             energy=float(out.energy),
             forces=np.asarray(out.forces, dtype=float),
+            charges=None if out.charges is None else np.asarray(out.charges, dtype=float),
             stress=stress,
         )
         io.write(args.out, result)

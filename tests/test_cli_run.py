@@ -165,18 +165,24 @@ def test_run_file_errors(saved, tmp_path, capsys):
     assert "--stress needs a cell periodic on every axis" in capsys.readouterr().err
 
 
-def test_run_refuses_celli(tmp_path, capsys):
-    """A CELLI model (global charge equilibration) is refused with the sharded path's
-    reason. Its parameters are zeros of the right shapes: never evaluated."""
-    import jax
+def test_run_celli_prints_and_writes_charges(tmp_path, capsys):
+    """CELLI through the CLI: the distributed Qeq's charges equal the single-device ones,
+    are printed (total) and written as the extended-XYZ charges column."""
+    from celli_scale.testing import random_params
 
-    system = nacl_grid(2, 2.2)
-    model = cs.models.build(small_allegro_config(name="celli", dtype="float64"))
-    pot = cs.Potential(model, None)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), pot.graph(system))
-    pot.params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    system = nacl_grid(2, 2.2, 0.1, 3).replace(total_charge=1.0)
+    cfg = small_allegro_config(name="celli", dtype="float64", species=(11, 17), l_max=1)
+    pot = cs.Potential.from_config(dict(cfg, elec_method="ewald"), seed=0, example=system)
+    pot = cs.Potential(pot.model, random_params(pot.params, 1, 0.3))
     pot.save(tmp_path / "celli")
     io.write(tmp_path / "s.xyz", io.Frame(system))
-    assert main(["run", str(tmp_path / "s.xyz"), "--model", str(tmp_path / "celli")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: celli: the sharded path does not yet solve")
+    out_file = tmp_path / "out.xyz"
+    args = ["run", str(tmp_path / "s.xyz"), "--model", str(tmp_path / "celli"), "--devices", "2"]
+    assert main([*args, "--out", str(out_file)]) == 0
+    text = capsys.readouterr().out
+    assert "charges (e): total 1.0000000000" in text
+    assert "distributed Qeq: ewald" in text
+    frame = io.read(out_file)[0]
+    ref = pot(io.read(tmp_path / "s.xyz")[0].system)  # positions as the command read them
+    np.testing.assert_allclose(frame.charges, np.asarray(ref.charges), atol=1e-7)
+    np.testing.assert_allclose(frame.energy, float(ref.energy), rtol=1e-10)

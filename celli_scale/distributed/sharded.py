@@ -158,8 +158,10 @@ class ShardedPotential:
     """A :class:`celli_scale.Potential` evaluated over a domain decomposition.
 
     Args:
-      pot: the potential (Allegro, NequIP or MACE; CELLI's global charge equilibration
-        needs the distributed Qeq and is refused for now).
+      pot: the potential (Allegro, NequIP, MACE or CELLI; CELLI's charge equilibration is
+        solved across the devices by :mod:`celli_scale.distributed.qeq`, its halo also
+        holds the electrostatics' real-space cut-off, and the outputs include charges
+        and the electrostatic energy).
       devices: number of devices (the mesh is then chosen per structure to make bricks
         as cubic as possible). Default 1.
       mesh: a ``jax.sharding.Mesh`` of 1 to 3 axes; its axes cut frame axes 0, 1, 2.
