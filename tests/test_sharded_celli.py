@@ -240,6 +240,18 @@ EIGHT = textwrap.dedent(
     ds = np.abs(np.asarray(out.stress) - np.asarray(ref.stress)).max()
     print("errors", de, df, dq, ds)
     assert de < 1e-10 and df < 1e-8 and dq < 1e-8 and ds < 1e-8
+    # the distributed Qeq on its own, over 8 devices, against the dense solve
+    from celli_scale import qeq
+    from celli_scale.distributed import qeq as dqeq
+    n = system.n_atoms
+    rng = np.random.default_rng(0)
+    chi, hard, sig = rng.normal(0, 2, n), 8 + 4 * rng.random(n), 0.8 + 0.3 * rng.random(n)
+    for method in ("ewald", "pme"):
+        dense = qeq.solve(system, chi, hard, sig, method="dense", electrostatics=method)
+        dist = dqeq.solve(system, chi, hard, sig, devices=8, method=method)
+        err = np.abs(np.asarray(dist.charges) - np.asarray(dense.charges)).max()
+        print(method, "charges", err)
+        assert err < 1e-8 and abs(float(np.sum(dist.charges)) - 1.0) < 1e-10
     print("EIGHT OK")
     """
 )
