@@ -26,8 +26,11 @@ This is the Chronopoulos–Gear form of preconditioned CG (one fused reduction o
 projection onto the constraint surface made reduction-free: the preconditioned
 direction is ``z = z̃ − D⁻¹C ν`` with ``z̃ = D⁻¹ r`` and ``ν = (CᵀD⁻¹C)⁻¹ Cᵀz̃``, so
 ``A z = A z̃ − (A D⁻¹C) ν`` with the ``G`` columns ``A D⁻¹C`` computed once per solve, and
-``Cᵀz̃`` rides in the matvec's all-reduce. LAMMPS' ``fix qeq/reaxff`` needs two
-all-reduces per iteration with no Ewald term at all; this needs two with it.
+``Cᵀz̃`` rides in the matvec's all-reduce. ``pᵀAp`` is expanded exactly
+(``zᵀAz + 2β zᵀs + β² p_oldᵀAp_old``, with ``zᵀs`` in the same all-reduce) instead of the
+Chronopoulos–Gear shortcut, which cancels near float32's precision floor. LAMMPS'
+``fix qeq/reaxff`` needs two all-reduces per iteration with no Ewald term at all; this
+needs two with it.
 
 Derivatives are not taken through the iterations (nor through any collective): the
 adjoint solve ``[A C; Cᵀ 0] [μ; ν] = [∂L/∂q; 0]`` runs on the same distributed CG, and
@@ -354,26 +357,34 @@ def shard_cg(layout, geom, send_idx, hardness, b, c, *, q0=None, tol, maxiter) -
         k, _, _, _, _, _, _, done, indef = state
         return (k < maxiter) & ~done & ~indef
 
+    eps = jnp.finfo(dt).eps
+
     def body(state):
-        k, x, r, p, s, gamma_old, alpha_old, _, _ = state
+        k, x, r, p, s, gamma_old, pap_old, _, _ = state
         zt = dinv * r
         wt, sums = a_full(zt, r[:, None])  # all-reduce 1 (with S(k) / the PME grid)
         nu = sums[:, 0] / mdm
         z = zt - dinv * m * nu[gid]
         w = wt - adc @ nu
         rp = r - pick(sums[:, 1] / mm)
-        gamma, delta, rr = _psum(jnp.stack([rp @ z, w @ z, rp @ rp]))  # all-reduce 2
+        # all-reduce 2: the dot products (zᵀs for pᵀAp below)
+        gamma, delta, rr, zs = _psum(jnp.stack([rp @ z, w @ z, rp @ rp, z @ s]))
         done = jnp.sqrt(rr) <= thresh
         first = k == 0
         beta = jnp.where(first, 0.0, gamma / jnp.where(gamma_old != 0, gamma_old, 1.0))
-        pap = jnp.where(
-            first, delta, delta - beta * gamma / jnp.where(alpha_old != 0, alpha_old, 1.0)
-        )
-        indef = ~done & ~(pap > 0)
-        alpha = jnp.where(done | indef, 0.0, gamma / jnp.where(pap > 0, pap, 1.0))
+        # pᵀAp of p = z + βp_old expanded exactly (s = A p_old by recurrence): the
+        # Chronopoulos–Gear shortcut δ − βγ/α_old cancels to ≤ 0 near float32's floor
+        pap = delta + 2.0 * beta * zs + beta * beta * pap_old
+        scale = jnp.abs(delta) + 2.0 * jnp.abs(beta * zs) + beta * beta * jnp.abs(pap_old)
+        # |pᵀAp| within round-off of its terms: stagnation at the precision floor (stop;
+        # the true residual decides convergence); clearly negative: A is indefinite
+        stalled = ~done & (jnp.abs(pap) <= 1e3 * eps * scale)
+        indef = ~done & ~stalled & ~(pap > 0)
+        stop = done | stalled | indef
+        alpha = jnp.where(stop, 0.0, gamma / jnp.where(pap > 0, pap, 1.0))
         p = z + beta * p
         s = w + beta * s
-        step = ~(done | indef)
+        step = ~stop
         return (
             k + step.astype(k.dtype),
             x + alpha * p,
@@ -381,8 +392,8 @@ def shard_cg(layout, geom, send_idx, hardness, b, c, *, q0=None, tol, maxiter) -
             p,
             s,
             jnp.where(step, gamma, gamma_old),
-            jnp.where(step, alpha, alpha_old),
-            done,
+            jnp.where(step, pap, pap_old),
+            done | stalled,
             indef,
         )
 
