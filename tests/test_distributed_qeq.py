@@ -182,13 +182,23 @@ def test_bytes_per_iteration_reported():
     assert ew.bytes_per_iteration["halo"] > 0
 
 
-def test_auto_method():
+def test_auto_method(monkeypatch):
     system = _periodic()
     chi, hard, sigma = _inputs(system.n_atoms)
     assert dq.choose_method(_open(), 4, 1e-6, sigma) == "direct"
     assert dq.choose_method(system, 1, 1e-6, sigma) in ("ewald", "pme")
     out = dq.solve(system, chi, hard, sigma, devices=2)
     assert out.method == dq.choose_method(system, 2, 1e-6, sigma)
+    # Ewald's parameters refused (as its single-device estimate does at ~30k atoms): PME
+    real = el.prepare
+
+    def refuse_ewald(system, method="auto", **kw):
+        if method == "ewald":
+            raise ValueError("electrostatics (ewald) would need about 34 GiB")
+        return real(system, method=method, **kw)
+
+    monkeypatch.setattr(dq.el, "prepare", refuse_ewald)
+    assert dq.choose_method(system, 1, 1e-6, sigma) == "pme"
 
 
 def test_bad_solves_raise():

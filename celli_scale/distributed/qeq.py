@@ -131,6 +131,7 @@ class ShardGeometry:
     kern: jax.Array
     diag: jax.Array
     bg: jax.Array
+    gauss: jax.Array
     cos: Any = None
     sin: Any = None
     gk: Any = None
@@ -209,13 +210,14 @@ def shard_setup(layout, params, cell, x_buf, sigma_buf, own_mask, gid, pairs) ->
         return ShardGeometry(
             own_mask=own_mask, gid=gid, centers=centers, others=others,
             kern=jnp.zeros(centers.shape, dt), diag=COULOMB * gauss, bg=jnp.zeros((), dt),
+            gauss=COULOMB * gauss,
             kmat=kmat, all_mask=all_mask, all_gid=all_gid,
         )  # fmt: skip
     kern = _real_pairs(layout, x_buf, sigma_buf, centers, others, pmask, own_mask)
     diag = COULOMB * (gauss - 2.0 * layout.alpha / _SQRT_PI)
     geom = dict(
         own_mask=own_mask, gid=gid, centers=centers, others=others, kern=kern, diag=diag,
-        bg=_background(cell, layout.alpha),
+        bg=_background(cell, layout.alpha), gauss=COULOMB * gauss,
     )  # fmt: skip
     if layout.method == "ewald":
         k, gk = _kvectors(cell, params.kvecs, layout.alpha)
@@ -505,6 +507,19 @@ def shard_bilinear_grads(layout, params, cell, x_buf, sigma_buf, own_mask, pairs
 # ---------------------------------------------------------------------------------------
 # host side: method choice, communication volume, the standalone solver
 # ---------------------------------------------------------------------------------------
+#: The distributed solve holds per-shard arrays, so the single-device memory estimate of
+#: :func:`celli_scale.electrostatics.prepare` (all pairs on one device) does not apply.
+_NO_SINGLE_DEVICE_LIMIT = 1 << 62
+
+
+def prepare(system: System, method: str, accuracy: float, sigma: Any):
+    """:func:`celli_scale.electrostatics.prepare` for a distributed evaluation (the same
+    parameters, without the single-device memory refusal)."""
+    return el.prepare(
+        system, method=method, accuracy=accuracy, sigma=sigma, max_bytes=_NO_SINGLE_DEVICE_LIMIT
+    )
+
+
 def choose_method(system: System, n_devices: int, accuracy: float, sigma: Any) -> str:
     """``method="auto"``: ``"direct"`` for open systems; for periodic ones Ewald's
     structure factors or PME's grid, whichever costs less per device and iteration:
@@ -518,8 +533,11 @@ def choose_method(system: System, n_devices: int, accuracy: float, sigma: Any) -
 
     n = system.n_atoms
     per = n / max(int(n_devices), 1)
-    ew = el.prepare(system, method="ewald", accuracy=accuracy, sigma=sigma)
-    pm = el.prepare(system, method="pme", accuracy=accuracy, sigma=sigma)
+    pm = prepare(system, "pme", accuracy, sigma)
+    try:
+        ew = prepare(system, "ewald", accuracy, sigma)
+    except ValueError:  # Ewald's parameters refused (e.g. its k-space too large): PME
+        return "pme"
     n_k = ew.kvecs.shape[0]
     m = float(np.prod(pm.grid))
     c_ewald = 2 * pmod._C_K * per * n_k
@@ -647,7 +665,7 @@ def solve(
     devs = _devices(n_dev)
     if method == "auto":
         method = choose_method(system, n_dev, accuracy, sig)
-    params = el.prepare(system, method=method, accuracy=accuracy, sigma=sig)
+    params = prepare(system, method, accuracy, sig)
     r_cut = params.r_cut if params.periodic else 0.0
     plan = domains.decompose(
         system, shape, halo=r_cut + skin, reach=0.0, r_cut=max(skin, 1e-3), skin=skin

@@ -64,7 +64,8 @@ class ShardStats:
       capacities: the padded array sizes in use.
       qeq_method: CELLI's electrostatics on the shards (``"ewald"``, ``"pme"``,
         ``"direct"``), else None. qeq_iterations: CG iterations of the last call's charge
-        solve and adjoint solve. qeq_bytes_per_iteration: communication volume of one CG
+        solve and adjoint solve; qeq_residuals: their relative residuals.
+        qeq_bytes_per_iteration: communication volume of one CG
         iteration (:func:`celli_scale.distributed.qeq.bytes_per_iteration`).
     """
 
@@ -84,6 +85,7 @@ class ShardStats:
     capacities: dict[str, Any] = field(default_factory=dict)
     qeq_method: str | None = None
     qeq_iterations: tuple[int, int] | None = None
+    qeq_residuals: tuple[float, float] | None = None
     qeq_bytes_per_iteration: dict[str, int] | None = None
 
     def summary(self) -> str:
@@ -373,8 +375,6 @@ class ShardedPotential:
         """Electrostatics parameters of ``system`` as single-device CELLI prepares them
         (widths up to ``elec_sigma_max``); ``elec_method="auto"`` picks Ewald or PME for
         the device count (:func:`celli_scale.distributed.qeq.choose_method`)."""
-        from celli_scale import electrostatics as el
-
         cfg = self.config
         if any(system.pbc) and not all(system.pbc):
             raise NotImplementedError(
@@ -385,7 +385,7 @@ class ShardedPotential:
         method = cfg.elec_method
         if method == "auto":
             method = dq.choose_method(system, self._n_devices, cfg.elec_accuracy, sigma)
-        params = el.prepare(system, method=method, accuracy=cfg.elec_accuracy, sigma=sigma)
+        params = dq.prepare(system, method, cfg.elec_accuracy, sigma)
         return {"params": params, "r_cut": float(params.r_cut) if params.periodic else 0.0}
 
     def _elec_plan(self, system: System, plan: domains.Decomposition, elec: dict) -> dict:
@@ -574,6 +574,7 @@ class ShardedPotential:
         ok = plan.owned_ids >= 0
         its = (int(extra["iterations"]), int(extra["adj_iterations"]))
         self.stats.qeq_iterations = its
+        self.stats.qeq_residuals = (float(extra["residual"]), float(extra["adj_residual"]))
         if bool(extra["indefinite"]) or bool(extra["adj_indefinite"]):
             raise ValueError(
                 "CELLI's Qeq matrix is not positive definite on the charge-conservation "
