@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from celli_scale import cell as cellmod
 from celli_scale.system import System
@@ -529,10 +530,16 @@ def owned_pairs(
     for s in range(plan.n_shards):
         valid = np.flatnonzero(plan.buffer_ids[s] >= 0)
         x = plan.positions[plan.buffer_ids[s, valid]] + plan.buffer_shift[s, valid] @ rows
-        n_o = int(np.sum(valid < c_own))
-        i, j, _, _ = cellmod.host_pairs(x, None, False, cutoff)
-        keep = i < n_o  # owned slots come first in the buffer
-        found.append((valid[i[keep]], valid[j[keep]]))
+        n_o = int(np.sum(valid < c_own))  # owned slots come first in the buffer
+        # k-d trees of the owned atoms and of the whole buffer: only owned-centred pairs
+        # are searched (the electrostatics cut-off is long; ghost-ghost pairs would be
+        # most of an all-pairs search)
+        sdm = cKDTree(x[:n_o]).sparse_distance_matrix(cKDTree(x), cutoff, output_type="ndarray")
+        i, j = sdm["i"].astype(np.int64), sdm["j"].astype(np.int64)
+        keep = (i != j) & (sdm["v"] < cutoff)
+        i, j = i[keep], j[keep]
+        order = np.argsort(i, kind="stable")  # centre-major: local reads in the matvec
+        found.append((valid[i[order]], valid[j[order]]))
     cap = _grow(max(len(i) for i, _ in found), capacity, growth)
     centers = np.zeros((plan.n_shards, cap), np.int32)
     others = np.zeros((plan.n_shards, cap), np.int32)
