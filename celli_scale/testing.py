@@ -39,6 +39,7 @@ __all__ = [
     "padded_graph",
     "random_params",
     "relative_error",
+    "run_with_devices",
 ]
 
 
@@ -296,3 +297,25 @@ def assert_dtype_preserved(tree: Any, dtype: Any) -> None:
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.floating):
             assert x.dtype == want, f"{jax.tree_util.keystr(path)} is {x.dtype}, expected {want}"
+
+
+def run_with_devices(code: str, n_devices: int, cwd: Any, timeout: float = 300.0) -> Any:
+    """Run ``code`` in a fresh Python with ``n_devices`` fake CPU devices (the flag must be
+    set before JAX starts, so a test needing more devices than its process has runs it
+    here; the compiler flags of the test suite are kept). Returns the
+    ``subprocess.CompletedProcess`` (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={int(n_devices)} "
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

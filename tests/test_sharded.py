@@ -8,9 +8,6 @@ transpose; a one-cut-off halo is wrong for message passing; an MD run through
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from celli_scale.study.presets import (
     build_potential,
     model_config,
 )
-from celli_scale.testing import small_allegro_config
+from celli_scale.testing import run_with_devices, small_allegro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 A = 2.2  # NaCl grid spacing (Å)
@@ -229,20 +226,7 @@ EIGHT_DEVICES = textwrap.dedent(
 
 @pytest.mark.slow
 def test_eight_devices_2x2x2_in_subprocess():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    res = subprocess.run(
-        [sys.executable, "-c", EIGHT_DEVICES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_with_devices(EIGHT_DEVICES, 8, ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "EIGHT OK" in res.stdout
 

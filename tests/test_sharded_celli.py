@@ -7,9 +7,6 @@ a missed tolerance raises."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from celli_scale.distributed.sharded import ShardedPotential
 from celli_scale.models import build
 from celli_scale.potential import Potential
 from celli_scale.qeq import QeqConvergenceError
-from celli_scale.testing import random_params, small_allegro_config
+from celli_scale.testing import random_params, run_with_devices, small_allegro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 A = 2.2
@@ -259,16 +256,6 @@ EIGHT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_eight_devices_in_subprocess():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run(
-        [sys.executable, "-c", EIGHT], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    res = run_with_devices(EIGHT, 8, ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "EIGHT OK" in res.stdout
