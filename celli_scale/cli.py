@@ -9,6 +9,8 @@ Subcommands:
 * ``celli-scale run STRUCTURE --model DIR [--devices N | --mesh A,B,C] [--chunks K]
   [--skin S] [--frame I] [--out FILE] [--stress]``: energy, forces and stress of one
   structure with a saved potential over a domain decomposition (:mod:`celli_scale.run`).
+* ``celli-scale datasets make NAME --n N --out FILE [--seed S] [--size K]``: reference data
+  labelled by GFN2-xTB through tblite (:mod:`celli_scale.datasets.cli`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from celli_scale import demo, run, study
+from celli_scale.datasets import cli as datasets_cli
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _module_commands() -> dict[str, Any]:
     """Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``),
     by command name."""
-    return {"demo": demo, "scale": study, "run": run}
+    return {"demo": demo, "scale": study, "run": run, "datasets": datasets_cli}
 
 
 def _fmt_charge(q: float) -> str:
