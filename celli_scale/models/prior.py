@@ -12,9 +12,9 @@ with half of every pair on each atom (the graph lists both directions ``i → j`
 Pair potentials ``V`` (energies in eV, distances in Å):
 
 * ``zbl`` — Ziegler–Biersack–Littmark universal screened nuclear repulsion
-  ``V = k_e Z_i Z_j / r · φ(r/a)``, ``a = 0.46850 / (Z_i^0.23 + Z_j^0.23)`` Å
-  (``0.8854 a_0``), ``φ(x) = 0.18175 e^{-3.19980 x} + 0.50986 e^{-0.94229 x}
-  + 0.28022 e^{-0.40290 x} + 0.02817 e^{-0.20162 x}``, ``k_e = 14.399645`` eV·Å/e²;
+  ``V = k_e Z_i Z_j / r · φ(r/a)``, ``a = 0.8854 a_0 / (Z_i^0.23 + Z_j^0.23)``
+  (``0.8854 a_0 = 0.46853`` Å), ``φ(x) = 0.18175 e^{-3.19980 x} + 0.50986 e^{-0.94229 x}
+  + 0.28022 e^{-0.40290 x} + 0.02817 e^{-0.20162 x}``, ``k_e = 14.39965`` eV·Å/e²;
 * ``exp`` — ``V = a · exp(-r/ρ)``;
 * ``power`` — ``V = ε (σ/r)^n``.
 
@@ -41,18 +41,21 @@ import numpy as np
 from celli_scale.models.config import ModelConfig, PriorConfig
 from celli_scale.models.layers import Graph, ModelOutput, cast_graph, edge_geometry, scatter_sum
 
-#: Coulomb constant e²/(4π ε₀) in eV·Å.
-COULOMB = 14.399645
+#: Coulomb constant e²/(4π ε₀) in eV·Å (CODATA 2018).
+COULOMB = 14.3996454784
+#: Bohr radius in Å (CODATA 2018).
+BOHR = 0.529177210903
 #: ZBL universal screening: (coefficients, exponents) of φ(x) and the length scale (Å).
 ZBL_COEFFS = (0.18175, 0.50986, 0.28022, 0.02817)
 ZBL_EXPONENTS = (3.19980, 0.94229, 0.40290, 0.20162)
-ZBL_LENGTH = 0.46850
+ZBL_LENGTH = 0.8854 * BOHR
 
 
 def switch(r: jax.Array, r_on: float, r_cut: float) -> jax.Array:
     """Quintic smoothstep: 1 below ``r_on``, 0 beyond ``r_cut`` (Å), C² in between."""
     t = jnp.clip((r - r_on) / (r_cut - r_on), 0.0, 1.0)
-    return 1.0 - t**3 * (10.0 - 15.0 * t + 6.0 * t * t)
+    # = 1 - 10 t³ + 15 t⁴ - 6 t⁵, factored: no cancellation (and ≥ 0) near t = 1
+    return (1.0 - t) ** 3 * (1.0 + 3.0 * t + 6.0 * t * t)
 
 
 def zbl(r: jax.Array, z_i: jax.Array, z_j: jax.Array) -> jax.Array:
