@@ -100,7 +100,8 @@ class CELLIConfig(AllegroConfig):
         must be prepared with ``sigma=elec_sigma_max`` (the real-space cut-off grows with
         it). ``None``: derived once species are known,
         ``max(1.5, 1.2 · max_Z r_cov(Z))`` (and ``≥ sigma_init`` in "learnt" mode), so the
-        covalent widths of every species fit with 20 % room to learn.
+        covalent widths of every species fit with 20 % room to learn. An explicit cap
+        below a species' covalent radius clips its width from the start (no gradient).
       qeq_method: "auto" (dense up to ``qeq.DENSE_MAX_ATOMS`` atoms, CG above) | "dense" | "cg".
       qeq_tol: relative residual tolerance of the Qeq solve. ``None`` resolves to 1e-10
         for float64 and 1e-5 for float32 (float32 cannot reach ~1e-10; use ~1e-5).
