@@ -50,7 +50,8 @@ class PotentialOutput:
     """Result for one structure (or stacked over a batch's leading axis).
 
     energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å³ or None for open systems,
-    charges (N,) e or None, node_energies (N,) eV (local part), elec_energy (eV) or None.
+    charges (N,) e or None, node_energies (N,) eV (local part), elec_energy (eV) or None,
+    dipole (3,) e·Å ``Σ q_i R_i`` for an open system with charges (CELLI), else None.
     """
 
     energy: jax.Array
@@ -59,6 +60,7 @@ class PotentialOutput:
     charges: jax.Array | None = None
     node_energies: jax.Array | None = None
     elec_energy: jax.Array | None = None
+    dipole: jax.Array | None = None
 
 
 def energy_and_derivatives(
@@ -325,6 +327,9 @@ class Potential:
                 else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
                 for o in outs
             ]
+            if any(o.dipole is not None for o in outs):  # open and periodic CELLI mixed
+                nan3 = jnp.full((3,), jnp.nan, outs[0].energy.dtype)
+                outs = [o if o.dipole is not None else o.replace(dipole=nan3) for o in outs]
             return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
         stacked = self.batch_graph(systems, n_atoms=n_pad)
         return self._output(*self.evaluate_batch(self.params, stacked, stress=all(periodic)))
@@ -338,6 +343,7 @@ class Potential:
             charges=out.charges,
             node_energies=out.node_energies,
             elec_energy=out.elec_energy,
+            dipole=out.dipole,
         )
 
     # -- persistence --------------------------------------------------------------------

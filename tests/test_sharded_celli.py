@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import celli_scale as cs
 from celli_scale.datasets import nacl_grid
 from celli_scale.distributed.sharded import ShardedPotential
-from celli_scale.models import build
+from celli_scale.models import build, make_config
+from celli_scale.models.celli import qeq_raw_parameters
 from celli_scale.potential import Potential
 from celli_scale.qeq import QeqConvergenceError
 from celli_scale.testing import random_params, run_with_devices, small_allegro_config
@@ -45,8 +46,7 @@ def _params(params, seed: int = 3):
     p = random_params(params, seed, 0.3)
     q = dict(p["params"]["qeq"])
     q["chi_shift"] = jnp.asarray([-2.0, 2.0])
-    q["hardness_raw"] = jnp.log(jnp.expm1(jnp.asarray([8.0, 11.0])))
-    q["sigma_raw"] = jnp.log(jnp.expm1(jnp.asarray([0.8, 0.95])))
+    q.update(qeq_raw_parameters(make_config(CELLI), [8.0, 11.0], [0.8, 0.95]))
     q["chi_scale"] = jnp.asarray(1.0)
     return {"params": dict(p["params"], qeq=q)}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from celli_scale.models.config import ModelConfig
+from celli_scale.models.config import ModelConfig, PriorConfig
 from celli_scale.models.layers import Graph, ModelOutput
 
 # name -> (module, config class, model class)
@@ -46,12 +46,26 @@ def make_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
 
 
 def build(config: dict[str, Any] | ModelConfig):
-    """Build a flax model from a config dict or dataclass (``species`` must be set)."""
+    """Build a flax model from a config dict or dataclass (``species`` must be set).
+
+    With ``prior`` in the config the model is wrapped by
+    :class:`celli_scale.models.prior.WithPrior` (same parameters; the prior's pair
+    energies are added to ``node_energies`` and ``energy``)."""
     cfg = make_config(config)
     _, model_cls = _lookup(cfg.name)
     if cfg.species is None:
         raise ValueError("config species is not set: pass species or an example system")
-    return model_cls(cfg)
+    from celli_scale.models.prior import with_prior
+
+    return with_prior(model_cls(cfg))
 
 
-__all__ = ["Graph", "MODEL_NAMES", "ModelConfig", "ModelOutput", "build", "make_config"]
+__all__ = [
+    "Graph",
+    "MODEL_NAMES",
+    "ModelConfig",
+    "ModelOutput",
+    "PriorConfig",
+    "build",
+    "make_config",
+]

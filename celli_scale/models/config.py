@@ -35,6 +35,8 @@ class ModelConfig:
       radial_mlp: hidden widths of radial MLPs.
       avg_num_neighbors: normalisation of neighbour sums.
       energy_scale, energy_shift: initial per-species atomic-energy scale and shift (eV).
+      prior: optional physical prior added to the energy (:class:`PriorConfig`, or a dict
+        of its keys such as ``{"kind": "zbl", "r_cut": 1.5}``); None: no prior.
     """
 
     name: str = ""
@@ -51,6 +53,7 @@ class ModelConfig:
     avg_num_neighbors: float = 20.0
     energy_scale: float = 1.0
     energy_shift: float = 0.0
+    prior: PriorConfig | None = None
 
     def __post_init__(self) -> None:
         # Strict types from the annotations, for this class and every subclass's fields:
@@ -79,6 +82,18 @@ class ModelConfig:
             object.__setattr__(self, "species", tuple(sorted(sp)))
         for key in ("radial_mlp",):
             object.__setattr__(self, key, tuple(int(x) for x in getattr(self, key)))
+        if isinstance(self.prior, dict):
+            object.__setattr__(self, "prior", PriorConfig.from_dict(self.prior))
+        if self.prior is not None:
+            if not isinstance(self.prior, PriorConfig):
+                raise ValueError(
+                    f"config prior must be a mapping of prior keys or null, got {self.prior!r}"
+                )
+            if self.prior.r_cut > self.r_cut:
+                raise ValueError(
+                    f"config prior r_cut={self.prior.r_cut} exceeds the model r_cut="
+                    f"{self.r_cut}: the prior sums over the model's graph edges"
+                )
 
     #: True when every atom's energy depends only on atoms within one ``r_cut`` (edge-centred
     #: models: Allegro, and CELLI's local trunk, whose long range goes through the Qeq
@@ -127,6 +142,71 @@ class ModelConfig:
             )
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kwargs)
+
+
+PRIOR_KINDS = ("zbl", "exp", "power")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """A physical prior added to a model's energy (:mod:`celli_scale.models.prior`).
+
+    The prior is a pair potential ``V(r) S(r)`` summed over the model's graph edges
+    (pairs within the model's ``r_cut``), half of every pair to each atom. ``S`` switches
+    it off smoothly between ``r_on`` and ``r_cut``.
+
+    Attributes:
+      kind: "zbl" (Ziegler–Biersack–Littmark universal screened nuclear repulsion, no
+        parameters), "exp" (``a · exp(-r/rho)``) or "power" (``epsilon · (sigma/r)^n``).
+      r_cut: where the prior (energy, force and force derivative) reaches zero (Å);
+        must not exceed the model's ``r_cut``.
+      r_on: start of the switching window (Å); ``None``: ``0.5 · r_cut``. Below ``r_on``
+        the prior is the bare pair potential.
+      a, rho: "exp" amplitude (eV) and decay length (Å).
+      epsilon, sigma, n: "power" energy (eV), length (Å) and exponent.
+    """
+
+    kind: str = "zbl"
+    r_cut: float = 1.5
+    r_on: float | None = None
+    a: float = 1000.0
+    rho: float = 0.2
+    epsilon: float = 1.0
+    sigma: float = 1.0
+    n: int = 12
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f"prior {f.name}", getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        if self.kind not in PRIOR_KINDS:
+            raise ValueError(f"config prior kind must be one of {PRIOR_KINDS}, got {self.kind!r}")
+        if not self.r_cut > 0:
+            raise ValueError(f"config prior r_cut must be positive (Å), got {self.r_cut}")
+        if self.r_on is None:
+            object.__setattr__(self, "r_on", 0.5 * self.r_cut)
+        if not 0 <= self.r_on < self.r_cut:
+            raise ValueError(
+                f"config prior r_on must be in [0, r_cut={self.r_cut}), got {self.r_on}"
+            )
+        for key in ("a", "rho", "epsilon", "sigma"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"config prior {key} must be positive, got {getattr(self, key)}")
+        if self.n < 1:
+            raise ValueError(f"config prior n must be a positive integer, got {self.n}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorConfig:
+        """Build from a mapping; ``ValueError`` names an unknown key or a bad value."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config prior key(s) {unknown}; known keys: {sorted(names)}")
+        return cls(**d)
 
 
 def _species_numbers(value: Any) -> Any:

@@ -72,7 +72,8 @@ class ModelOutput:
     elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
     qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
     the host checks against the tolerance (a solve cannot raise inside jit);
-    chi: ``(N,)`` electronegativities (eV/e, CELLI), else None.
+    chi: ``(N,)`` electronegativities (eV/e, CELLI), else None;
+    dipole: ``(3,)`` ``Σ_i q_i R_i`` (e·Å) of an open system (CELLI), else None.
     """
 
     energy: jax.Array
@@ -81,6 +82,7 @@ class ModelOutput:
     elec_energy: jax.Array | None = None
     qeq_residual: jax.Array | None = None
     chi: jax.Array | None = None
+    dipole: jax.Array | None = None
 
 
 def cast_graph(graph: Graph, dtype: Any) -> Graph:
