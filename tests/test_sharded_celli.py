@@ -92,6 +92,10 @@ def assert_same(out, ref, stress: bool = True):
     np.testing.assert_allclose(
         np.asarray(out.node_energies), np.asarray(ref.node_energies), atol=1e-9
     )
+    if ref.dipole is not None:  # open systems
+        np.testing.assert_allclose(np.asarray(out.dipole), np.asarray(ref.dipole), atol=1e-8)
+    else:
+        assert out.dipole is None
     if stress:
         s, sr = np.asarray(out.stress), np.asarray(ref.stress)
         assert np.abs(sr).max() > 1e-5

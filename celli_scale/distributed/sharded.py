@@ -532,9 +532,12 @@ class ShardedPotential:
         e_out = np.zeros(n, node_e.dtype)
         f_out[plan.owned_ids[ok]] = forces[ok]
         e_out[plan.owned_ids[ok]] = node_e[ok]
-        charges = elec_energy = None
+        charges = elec_energy = dipole = None
         if self.is_charge_model:
             charges, elec_energy = self._check_qeq(extra, plan, n)
+            if not pbc.any():  # Σ q_i R_i, as the single-device CELLI reports it
+                pos = np.asarray(system.positions, dtype=float)
+                dipole = jnp.asarray(np.asarray(charges, dtype=float) @ pos, dtype)
         stress = None
         if pbc.all():
             vol = abs(np.linalg.det(cell))
@@ -548,6 +551,7 @@ class ShardedPotential:
             node_energies=jnp.asarray(e_out),
             charges=charges,
             elec_energy=elec_energy,
+            dipole=dipole,
         )
 
     def _warm_start(self, n: int, plan: domains.Decomposition, dtype, mesh) -> tuple:
