@@ -26,9 +26,11 @@ This is the Chronopoulos–Gear form of preconditioned CG (one fused reduction o
 projection onto the constraint surface made reduction-free: the preconditioned
 direction is ``z = z̃ − D⁻¹C ν`` with ``z̃ = D⁻¹ r`` and ``ν = (CᵀD⁻¹C)⁻¹ Cᵀz̃``, so
 ``A z = A z̃ − (A D⁻¹C) ν`` with the ``G`` columns ``A D⁻¹C`` computed once per solve, and
-``Cᵀz̃`` rides in the matvec's all-reduce. ``pᵀAp`` is expanded exactly
-(``zᵀAz + 2β zᵀs + β² p_oldᵀAp_old``, with ``zᵀs`` in the same all-reduce) instead of the
-Chronopoulos–Gear shortcut, which cancels near float32's precision floor. LAMMPS'
+``Cᵀz̃`` rides in the matvec's all-reduce. The iterations keep the residual and
+``s = A p`` projected onto the constraint surface (``Cᵀw`` rides in the second all-reduce),
+so the growing multiplier component never enters ``z̃``, and ``pᵀAp`` is expanded from
+fresh dot products (``zᵀAz + β (zᵀs + p_oldᵀw) + β² p_oldᵀs``) instead of the
+Chronopoulos–Gear recursion, which drifts to ≤ 0 near float32's precision floor. LAMMPS'
 ``fix qeq/reaxff`` needs two all-reduces per iteration with no Ewald term at all; this
 needs two with it.
 
@@ -354,33 +356,44 @@ def shard_cg(layout, geom, send_idx, hardness, b, c, *, q0=None, tol, maxiter) -
         gamma = jnp.where(ok, dr / jnp.where(ok, dad, 1.0), 0.0)
         x = x + gamma * dvec
         r = r - gamma * ad
+    # the iterations work on the projected residual (the constraints' multipliers are
+    # recovered from the true residual at the end): r = P(b − A x) and s = P A p. Left in,
+    # the growing multiplier component C λ of r would cancel in z = z̃ − D⁻¹C ν and
+    # A z = A z̃ − (A D⁻¹C) ν, which costs float32 its last digits (|λ| ≫ |r| near the end)
+    r = project(r)
 
     def cond(state):
-        k, _, _, _, _, _, _, done, indef = state
+        k, _, _, _, _, _, done, indef = state
         return (k < maxiter) & ~done & ~indef
 
     eps = jnp.finfo(dt).eps
 
     def body(state):
-        k, x, r, p, s, gamma_old, pap_old, _, _ = state
+        k, x, r, p, s, gamma_old, _, _ = state
         zt = dinv * r
         wt, sums = a_full(zt, r[:, None])  # all-reduce 1 (with S(k) / the PME grid)
         nu = sums[:, 0] / mdm
         z = zt - dinv * m * nu[gid]
         w = wt - adc @ nu
-        rp = r - pick(sums[:, 1] / mm)
-        # all-reduce 2: the dot products (zᵀs for pᵀAp below)
-        gamma, delta, rr, zs = _psum(jnp.stack([rp @ z, w @ z, rp @ rp, z @ s]))
+        rp = r - pick(sums[:, 1] / mm)  # strips the round-off drift off the surface
+        # all-reduce 2: the dot products (zᵀs, p_oldᵀw, p_oldᵀs for pᵀAp below) and Cᵀw
+        dots = jnp.stack([rp @ z, w @ z, rp @ rp, z @ s, p @ w, p @ s])
+        red = _psum(jnp.concatenate([dots, _group_sums(w[:, None], mask, gid, n_g)[:, 0]]))
+        gamma, delta, rr, zs, pw, ps = (red[i] for i in range(6))
+        w = w - pick(red[6:] / mm)  # P w: s = P A p stays on the surface
         done = jnp.sqrt(rr) <= thresh
         first = k == 0
         beta = jnp.where(first, 0.0, gamma / jnp.where(gamma_old != 0, gamma_old, 1.0))
-        # pᵀAp of p = z + βp_old expanded exactly (s = A p_old by recurrence): the
-        # Chronopoulos–Gear shortcut δ − βγ/α_old cancels to ≤ 0 near float32's floor
-        pap = delta + 2.0 * beta * zs + beta * beta * pap_old
-        scale = jnp.abs(delta) + 2.0 * jnp.abs(beta * zs) + beta * beta * jnp.abs(pap_old)
-        # |pᵀAp| within round-off of its terms: stagnation at the precision floor (stop;
-        # the true residual decides convergence); clearly negative: A is indefinite
-        stalled = ~done & (jnp.abs(pap) <= 1e3 * eps * scale)
+        # pᵀAp of p = z + β p_old from fresh dot products (s = P A p_old by recurrence):
+        # zᵀAz + β (zᵀs + p_oldᵀw) + β² p_oldᵀs. The Chronopoulos–Gear shortcut
+        # δ − βγ/α_old (and any recursion on pᵀAp) drifts to ≤ 0 near float32's floor.
+        pap = delta + beta * (zs + pw) + beta * beta * ps
+        scale = (
+            jnp.abs(delta) + jnp.abs(beta) * (jnp.abs(zs) + jnp.abs(pw)) + beta * beta * jnp.abs(ps)
+        )
+        # |pᵀAp| within the round-off of its terms: stagnation at the precision floor
+        # (stop; the true residual decides convergence); clearly negative: A is indefinite
+        stalled = ~done & (jnp.abs(pap) <= 16.0 * eps * scale)
         indef = ~done & ~stalled & ~(pap > 0)
         stop = done | stalled | indef
         alpha = jnp.where(stop, 0.0, gamma / jnp.where(pap > 0, pap, 1.0))
@@ -390,19 +403,18 @@ def shard_cg(layout, geom, send_idx, hardness, b, c, *, q0=None, tol, maxiter) -
         return (
             k + step.astype(k.dtype),
             x + alpha * p,
-            r - alpha * s,
+            rp - alpha * s,
             p,
             s,
             jnp.where(step, gamma, gamma_old),
-            jnp.where(step, pap, pap_old),
             done | stalled,
             indef,
         )
 
     zero = jnp.zeros_like(b)
     one = jnp.ones((), dt)
-    state = (jnp.asarray(0, jnp.int32), x, r, zero, zero, one, one, jnp.asarray(False), indef0)
-    k, x, _, _, _, _, _, _, indef = jax.lax.while_loop(cond, body, state)
+    state = (jnp.asarray(0, jnp.int32), x, r, zero, zero, one, jnp.asarray(False), indef0)
+    k, x, _, _, _, _, _, indef = jax.lax.while_loop(cond, body, state)
     # the true residual of the returned x (not the recurrence's), and the multipliers
     ax, _ = a_full(x)
     r = b - ax

@@ -573,7 +573,7 @@ class ShardedPotential:
     def _check_qeq(self, extra: dict, plan: domains.Decomposition, n: int):
         """Host check of both distributed solves (as :func:`celli_scale.qeq.check`),
         then the charges in the system's order; keeps them as the next warm start."""
-        from celli_scale.qeq import check_residual
+        from celli_scale.qeq import QeqConvergenceError, check_residual
 
         ok = plan.owned_ids >= 0
         its = (int(extra["iterations"]), int(extra["adj_iterations"]))
@@ -585,9 +585,15 @@ class ShardedPotential:
                 "surface (atoms too close together, or unphysical hardness/widths)"
             )
         tol = self.pot.qeq_tol
-        # the same slack as the single-device check (float32 stops near its round-off)
         check_residual(extra["residual"], tol, where=" (distributed, charges)")
-        check_residual(extra["adj_residual"], tol, where=" (distributed, adjoint for forces)")
+        # the adjoint (forces' response) counts as converged at tol or at the precision
+        # floor of its right-hand side (float32 reaches ~1e-4 relative there)
+        if not bool(extra["adj_converged"]):
+            raise QeqConvergenceError(
+                "distributed Qeq adjoint solve (forces) did not converge: relative residual "
+                f"{float(extra['adj_residual']):.3g} after {its[1]} iterations (raise the Qeq "
+                "maxiter, loosen qeq_tol, or check the structure for atoms too close together)"
+            )
         q_sh, mu_sh = np.asarray(extra["q"]), np.asarray(extra["mu"])
         q, mu = np.zeros(n, q_sh.dtype), np.zeros(n, mu_sh.dtype)
         q[plan.owned_ids[ok]] = q_sh[ok]
