@@ -110,6 +110,32 @@ SHARDED_MAX_RSS_GIB = 12.0
 MILLION_GRID = 6 if QUICK else 100
 MILLION_CHUNKS = 8 if QUICK else 216
 
+#: Distributed Qeq and sharded CELLI (``bench_sharded_celli.py``, issue 18), float32,
+#: matched hyper-parameters (CELLI: ``n_pre`` 1, ``n_post`` 1, ``elec_method`` "auto",
+#: ``elec_accuracy`` 1e-6, ``elec_sigma_max`` 1.5 Å), NaCl grid spacing 2.2 Å, rattle 0.05 Å.
+#: CELLI vs Allegro over fake CPU devices: the ``CELLI_STRONG_N³`` grid.
+CELLI_DEVICES: tuple[int, ...] = (1, 2) if QUICK else (1, 2, 4, 8)
+CELLI_STRONG_N = 4 if QUICK else 16  # 64 / 4096 atoms
+#: Qeq share (CELLI − Allegro) / Allegro on one device at these ``n³`` grids (even n: the
+#: periodic NaCl pattern needs it).
+CELLI_SHARE_N: tuple[int, ...] = (4,) if QUICK else (8, 12, 16)  # 512 ... 4096 atoms
+#: Weak scaling, sharded CELLI vs sharded MACE: ``CELLI_WEAK_M³`` owned sites per device.
+CELLI_WEAK_MODELS: tuple[str, ...] = ("celli",) if QUICK else ("celli", "mace")
+CELLI_WEAK_M = 4 if QUICK else 6  # 64 / 216 atoms per device
+#: Timed calls: each on the base grid moved by a fresh Gaussian step of this size (Å), so
+#: that both Qeq solves warm-start from the previous call's (different) solution, as in MD.
+CELLI_STEP = 0.01
+CELLI_REPEATS = 1 if QUICK else 3  # timed warm calls per model (interleaved); min reported
+#: float32 CG tolerance of the sharded CELLI runs. The matched value (``config_for``: 1e-5)
+#: makes the distributed adjoint solve stop with a spurious "not positive definite" at
+#: N ≥ 1728 (bench/RESULTS.md, issue 18); 1e-4 is what these figures use.
+CELLI_QEQ_TOL = 1e-4
+#: A big system on one CPU device: the CELLI_BIG_GRID³ grid in CELLI_BIG_CHUNKS sub-bricks,
+#: PME chosen explicitly ("auto" fails there, see RESULTS.md).
+CELLI_BIG_GRID = 6 if QUICK else 32
+CELLI_BIG_CHUNKS = 2 if QUICK else 8
+CELLI_BIG_METHOD = "pme"
+
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
 
@@ -134,6 +160,17 @@ def check_fits(compiled: Any, n_programs: int = 1, fraction: float = 0.85) -> in
 
 
 __all__ = [
+    "CELLI_BIG_CHUNKS",
+    "CELLI_BIG_GRID",
+    "CELLI_BIG_METHOD",
+    "CELLI_DEVICES",
+    "CELLI_QEQ_TOL",
+    "CELLI_REPEATS",
+    "CELLI_SHARE_N",
+    "CELLI_STEP",
+    "CELLI_STRONG_N",
+    "CELLI_WEAK_M",
+    "CELLI_WEAK_MODELS",
     "DTYPES",
     "EXTRAS",
     "GRID_N",
