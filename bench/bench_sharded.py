@@ -215,13 +215,20 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def run_worker(spec: dict[str, Any], devices: int) -> dict[str, Any]:
-    """Run :func:`worker` in a subprocess with ``devices`` fake CPU devices. Returns its
-    rows, or ``{"status": why}`` when it was stopped (time, memory) or failed."""
+def run_worker(
+    spec: dict[str, Any],
+    devices: int,
+    module: str = "bench.bench_sharded",
+    mark: str = _MARK,
+) -> dict[str, Any]:
+    """Run ``module``'s worker (``python -m module --worker SPEC``) in a subprocess with
+    ``devices`` fake CPU devices, watching its resident memory and time. Returns the rows
+    it printed after ``mark`` (each row, or each row of each case, gets ``peak_rss_gib``),
+    or ``{"status": why}`` when it was stopped (time, memory) or failed."""
     import psutil
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_sharded", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", module, "--worker", json.dumps(spec)],
         cwd=ROOT,
         env=_env(devices),
         stdout=subprocess.PIPE,
@@ -246,10 +253,12 @@ def run_worker(spec: dict[str, Any], devices: int) -> dict[str, Any]:
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     for line in stdout.splitlines():
-        if line.startswith(_MARK):
-            rows = json.loads(line[len(_MARK) :])
+        if line.startswith(mark):
+            rows = json.loads(line[len(mark) :])
             for row in rows.values():
-                row["peak_rss_gib"] = peak
+                inner = row.values() if all(isinstance(v, dict) for v in row.values()) else [row]
+                for r in inner:
+                    r["peak_rss_gib"] = peak
             return rows
     return {"status": f"failed (rc {proc.returncode}): {stderr.strip()[-2000:]}"}
 

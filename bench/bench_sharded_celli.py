@@ -35,7 +35,6 @@ import functools
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from typing import Any
@@ -55,8 +54,6 @@ from bench._common import (
     CELLI_STRONG_N,
     CELLI_WEAK_M,
     CELLI_WEAK_MODELS,
-    SHARDED_MAX_RSS_GIB,
-    SHARDED_POINT_TIMEOUT_S,
     TIMEOUT_S,
     build_potential,
     config_for,
@@ -168,41 +165,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], devices: int) -> dict[str, Any]:
     """:func:`bench.bench_sharded.run_worker` with this module's entry point."""
-    import psutil
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_sharded_celli", "--worker", json.dumps(spec)],
-        cwd=bs.ROOT,
-        env=bs._env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    t0, peak, why = time.monotonic(), 0.0, None
-    ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss / 2**30)
-        except psutil.Error:
-            pass
-        if peak > SHARDED_MAX_RSS_GIB:
-            why = f"skipped: resident memory above {SHARDED_MAX_RSS_GIB} GiB"
-        elif time.monotonic() - t0 > SHARDED_POINT_TIMEOUT_S:
-            why = f"skipped: longer than {SHARDED_POINT_TIMEOUT_S:.0f} s"
-        if why:
-            proc.kill()
-            proc.communicate()
-            return {"status": why}
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    for line in stdout.splitlines():
-        if line.startswith(_MARK):
-            rows = json.loads(line[len(_MARK) :])
-            for case in rows.values():
-                for row in case.values():
-                    row["peak_rss_gib"] = peak
-            return rows
-    return {"status": f"failed (rc {proc.returncode}): {stderr.strip()[-2000:]}"}
+    return bs.run_worker(spec, devices, module="bench.bench_sharded_celli", mark=_MARK)
 
 
 # -- the three families, one worker per device count (quick: one worker in all) ----------
