@@ -9,6 +9,9 @@ Subcommands:
 * ``celli-scale run STRUCTURE --model DIR [--devices N | --mesh A,B,C] [--chunks K]
   [--skin S] [--frame I] [--out FILE] [--stress]``: energy, forces and stress of one
   structure with a saved potential over a domain decomposition (:mod:`celli_scale.run`).
+* ``celli-scale train CONFIG.yaml``: force-matching training (:mod:`celli_scale.train.cli`).
+* ``celli-scale evaluate MODEL DATA [--json FILE] [--plot FILE.png]``: errors by formula
+  and total charge (:mod:`celli_scale.train.evaluate`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from celli_scale import demo, run, study
+from celli_scale.train import cli as train_cli
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file format (default: from the file name)",
     )
-    for module in _module_commands().values():
+    for module in dict.fromkeys(_module_commands().values()):  # train_cli adds two commands
         module.add_parser(sub)
     return parser
 
@@ -70,7 +74,13 @@ def _build_parser() -> argparse.ArgumentParser:
 def _module_commands() -> dict[str, Any]:
     """Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``),
     by command name."""
-    return {"demo": demo, "scale": study, "run": run}
+    return {
+        "demo": demo,
+        "scale": study,
+        "run": run,
+        "train": train_cli,
+        "evaluate": train_cli,
+    }
 
 
 def _fmt_charge(q: float) -> str:

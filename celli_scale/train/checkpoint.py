@@ -42,7 +42,10 @@ class Checkpoints:
             try:
                 return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back
-                msg = f"checkpoint step {step} in {self.directory} is unreadable ({e!s:.200}); trying the previous one"
+                msg = (
+                    f"checkpoint step {step} in {self.directory} is unreadable "
+                    f"({e!s:.200}); trying the previous one"
+                )
                 warnings.warn(msg, UserWarning, stacklevel=2)
                 log.warning(msg)
         return None
