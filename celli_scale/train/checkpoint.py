@@ -31,6 +31,9 @@ class Checkpoints:
         )
 
     def save(self, step: int, state: Any) -> None:
+        """Save ``state`` as ``step`` (a step already saved is kept as it is)."""
+        if int(step) in self.manager.all_steps():
+            return
         self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
         self.manager.wait_until_finished()
 

@@ -258,6 +258,7 @@ class ForceMatching:
         if stacked:
             mesh = batch_mesh(self.devices)
             self.sharding = NamedSharding(mesh, P(BATCH_AXIS))
+            self.replicated = NamedSharding(mesh, P())
 
             def local_grad(params, graphs, labels, norms):
                 (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
@@ -276,7 +277,7 @@ class ForceMatching:
                 local_eval, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False
             )
         else:
-            self.sharding = None
+            self.sharding = self.replicated = None
 
             def grad_fn(params, graphs, labels, norms):
                 (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
@@ -363,6 +364,8 @@ class ForceMatching:
             if restored is not None:
                 state = restored
                 log.info("resumed from step %d", int(state["step"]))
+        if self.replicated is not None:  # parameters and optimizer state replicated
+            state = jax.device_put(state, self.replicated)
         spe = self.steps_per_epoch
         every = cfg.checkpoint_every or spe
         t0 = time.monotonic()
