@@ -185,8 +185,8 @@ def normalisers(labels: dict) -> dict[str, float]:
 def batch_errors(model, params, graphs, labels, stress: bool, stacked: bool) -> dict:
     """``{target: (sum_sq, sum_abs)}`` over the structures of a batch."""
 
-    def one(g, lab):
-        return squared_errors(predict(model, params, g, stress), lab)
+    def one(g, lab):  # stress only of periodic structures (else masked zeros)
+        return squared_errors(predict(model, params, g, stress and g.periodic), lab)
 
     if stacked:
         per = jax.lax.map(lambda a: one(*a), (graphs, labels))
