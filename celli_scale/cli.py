@@ -11,6 +11,9 @@ Subcommands:
   structure with a saved potential over a domain decomposition (:mod:`celli_scale.run`).
 * ``celli-scale datasets make NAME --n N --out FILE [--seed S] [--size K]``: reference data
   labelled by GFN2-xTB through tblite (:mod:`celli_scale.datasets.cli`).
+* ``celli-scale train CONFIG.yaml``: force-matching training (:mod:`celli_scale.train.cli`).
+* ``celli-scale evaluate MODEL DATA [--json FILE] [--plot FILE.png]``: errors by formula
+  and total charge (:mod:`celli_scale.train.evaluate`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -32,6 +35,7 @@ import numpy as np
 
 from celli_scale import demo, run, study
 from celli_scale.datasets import cli as datasets_cli
+from celli_scale.train import cli as train_cli
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file format (default: from the file name)",
     )
-    for module in _module_commands().values():
+    for module in dict.fromkeys(_module_commands().values()):  # train_cli adds two commands
         module.add_parser(sub)
     return parser
 
@@ -73,7 +77,14 @@ def _build_parser() -> argparse.ArgumentParser:
 def _module_commands() -> dict[str, Any]:
     """Subcommands implemented in their own module (``add_parser(sub)`` + ``main(args)``),
     by command name."""
-    return {"demo": demo, "scale": study, "run": run, "datasets": datasets_cli}
+    return {
+        "demo": demo,
+        "scale": study,
+        "run": run,
+        "datasets": datasets_cli,
+        "train": train_cli,
+        "evaluate": train_cli,
+    }
 
 
 def _fmt_charge(q: float) -> str:

@@ -1,0 +1,7 @@
+"""Training: force matching (energy per atom, forces, charges, stress) with optax,
+data-parallel over local devices, orbax checkpoints (:mod:`.trainer`, :mod:`.checkpoint`),
+and the ``train`` / ``evaluate`` commands (:mod:`.cli`)."""
+
+from celli_scale.train.trainer import ForceMatching, LossWeights, TrainConfig
+
+__all__ = ["ForceMatching", "LossWeights", "TrainConfig"]

@@ -1,0 +1,57 @@
+"""Orbax checkpoints of the training state, with fallback past damaged steps.
+
+The state is a plain pytree (``params``, ``opt_state``, ``step``, early-stopping counters,
+the best parameters so far); :class:`Checkpoints` keeps the last ``keep`` steps
+(``orbax.checkpoint.CheckpointManager``). Restoring tries the newest step first; a step
+that cannot be read (a file truncated or removed mid-write) is skipped with a warning and
+the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """``save(step, state)`` / ``restore(target) -> state | None`` under ``directory``."""
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True),
+        )
+
+    def save(self, step: int, state: Any) -> None:
+        """Save ``state`` as ``step`` (a step already saved is kept as it is)."""
+        if int(step) in self.manager.all_steps():
+            return
+        self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any) -> Any | None:
+        """The newest readable state shaped like ``target``, or None when there is none."""
+        self.manager.reload()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001 - any unreadable step falls back
+                msg = (
+                    f"checkpoint step {step} in {self.directory} is unreadable "
+                    f"({e!s:.200}); trying the previous one"
+                )
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                log.warning(msg)
+        return None
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,444 @@
+"""``ForceMatching``: fit a :class:`~celli_scale.potential.Potential` to reference
+energies (eV), forces (eV/Å), charges (e) and stresses (eV/Å³).
+
+Batches are padded (common atom and edge capacity over the data set; the last batch and
+the device split padded with masked dummy structures that contribute exactly nothing).
+Non-charge models: a batch is a stacked graph, sharded over the local devices
+(``jax.shard_map`` on the 1-D mesh of :mod:`celli_scale.distributed.data_parallel`;
+parameters replicated, gradients all-reduced) and evaluated by one compiled step.
+CELLI: electrostatics parameters (k-vectors, PME grids) differ in shape between cells,
+so a batch is a tuple of graphs evaluated one after another inside one jitted step
+(single device). Data order is a permutation drawn from ``(seed, epoch)``, so resuming
+from a checkpoint at any step continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from celli_scale.distributed.data_parallel import BATCH_AXIS, batch_mesh
+from celli_scale.train.loss import TARGETS, predict, squared_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms: energy per atom (eV/atom)², forces (eV/Å)²,
+    charges e², stress (eV/Å³)²."""
+
+    energy: float = 1.0
+    forces: float = 1.0
+    charges: float = 1.0
+    stress: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Trainer settings (every field defaulted).
+
+    Attributes:
+      loss: loss weights.
+      optimizer: optax optimizer name (``adam``, ``adamw``, ``sgd``).
+      learning_rate: peak learning rate.
+      schedule: ``constant``, ``cosine`` (decay to ``final_lr_fraction`` over all steps)
+        or ``exponential`` (factor ``final_lr_fraction`` over all steps).
+      final_lr_fraction: see ``schedule``.
+      batch_size: structures per step (rounded up to a multiple of the devices).
+      max_epochs, max_minutes: stopping limits (the first reached ends training).
+      patience: epochs without a better validation loss before stopping (0: never).
+      valid_fraction: validation share drawn by ``seed`` when no validation set is given.
+      seed: data split, data order and parameter initialisation.
+      devices: devices for the data-parallel step (None: all local; CELLI uses 1).
+      checkpoint_keep: checkpoints kept; checkpoint_every: steps between checkpoints
+        (0: at the end of every epoch).
+      progress: show a tqdm progress bar.
+    """
+
+    loss: LossWeights = LossWeights()
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    final_lr_fraction: float = 0.1
+    batch_size: int = 4
+    max_epochs: int = 100
+    max_minutes: float = math.inf
+    patience: int = 0
+    valid_fraction: float = 0.1
+    seed: int = 0
+    devices: int | None = None
+    checkpoint_keep: int = 3
+    checkpoint_every: int = 0
+    progress: bool = True
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax optimizer with its learning-rate schedule."""
+    lr, steps = cfg.learning_rate, max(int(total_steps), 1)
+    if cfg.schedule == "constant":
+        sched: Any = lr
+    elif cfg.schedule == "cosine":
+        sched = optax.cosine_decay_schedule(lr, steps, alpha=cfg.final_lr_fraction)
+    elif cfg.schedule == "exponential":
+        sched = optax.exponential_decay(lr, steps, cfg.final_lr_fraction)
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r} (constant, cosine, exponential)")
+    makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
+    if cfg.optimizer not in makers:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r} ({', '.join(makers)})")
+    return makers[cfg.optimizer](sched)
+
+
+def labels_of(frame: Any, n_pad: int, dtype: Any) -> dict[str, np.ndarray]:
+    """Padded host label arrays and masks of one :class:`celli_scale.io.Frame`."""
+    n = frame.system.n_atoms
+    node = np.zeros(n_pad, bool)
+    node[:n] = True
+    f = np.zeros((n_pad, 3))
+    q = np.zeros(n_pad)
+    if frame.forces is not None:
+        f[:n] = frame.forces
+    if frame.charges is not None:
+        q[:n] = frame.charges
+    periodic = frame.system.cell is not None and all(frame.system.pbc)
+    s = np.zeros((3, 3)) if frame.stress is None else np.asarray(frame.stress, float)
+    return {
+        "node_mask": node,
+        "energy": np.asarray(0.0 if frame.energy is None else frame.energy, dtype),
+        "energy_mask": np.asarray(frame.energy is not None),
+        "forces": f.astype(dtype),
+        "forces_mask": np.asarray(frame.forces is not None),
+        "charges": q.astype(dtype),
+        "charges_mask": np.asarray(frame.charges is not None),
+        "stress": s.astype(dtype),
+        "stress_mask": np.asarray(frame.stress is not None and periodic),
+    }
+
+
+def _no_labels(lab: dict) -> dict:
+    out = dict(lab)
+    for k in ("node_mask", "energy_mask", "forces_mask", "charges_mask", "stress_mask"):
+        out[k] = np.zeros_like(lab[k])
+    return out
+
+
+class Dataset:
+    """Padded graphs and labels of a list of frames (host arrays), built once."""
+
+    def __init__(self, pot: Any, frames: Sequence[Any], n_pad: int, edge_capacity: int):
+        self.frames = list(frames)
+        dtype = np.dtype(pot.config.jnp_dtype)
+        self.stacked = not pot.is_charge_model
+        graphs = [
+            pot.graph(f.system, n_atoms=n_pad, edge_capacity=edge_capacity) for f in self.frames
+        ]
+        if self.stacked:
+            if len({g.periodic for g in graphs}) > 1:
+                raise ValueError("a data set mixes periodic and open structures")
+            self.graphs = jax.tree_util.tree_map(lambda *x: np.stack(x), *graphs)
+        else:
+            self.graphs = graphs
+        self.labels = [labels_of(f, n_pad, dtype) for f in self.frames]
+        self.periodic = all(g.periodic for g in graphs)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def batch(self, idx: Sequence[int], size: int) -> tuple[Any, dict]:
+        """Structures ``idx`` padded to ``size`` with masked copies of the first."""
+        idx = list(idx)
+        pad = [idx[0]] * (size - len(idx))
+        labels = [self.labels[i] for i in idx] + [_no_labels(self.labels[i]) for i in pad]
+        labels = {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
+        if self.stacked:
+            allidx = np.asarray(idx + pad)
+            graphs = jax.tree_util.tree_map(lambda x: x[allidx], self.graphs)
+        else:
+            graphs = tuple(self.graphs[i] for i in idx + pad)
+        return graphs, labels
+
+
+def normalisers(labels: dict) -> dict[str, float]:
+    """Counts the loss terms are divided by (host; at least 1)."""
+    node = labels["node_mask"]
+    n_e = np.sum(labels["energy_mask"])
+    n_f = 3 * np.sum(node & labels["forces_mask"][:, None])
+    n_q = np.sum(node & labels["charges_mask"][:, None])
+    n_s = 9 * np.sum(labels["stress_mask"])
+    return {k: float(max(v, 1)) for k, v in zip(TARGETS, (n_e, n_f, n_q, n_s), strict=True)}
+
+
+def batch_errors(model, params, graphs, labels, stress: bool, stacked: bool) -> dict:
+    """``{target: (sum_sq, sum_abs)}`` over the structures of a batch."""
+
+    def one(g, lab):  # stress only of periodic structures (else masked zeros)
+        return squared_errors(predict(model, params, g, stress and g.periodic), lab)
+
+    if stacked:
+        per = jax.lax.map(lambda a: one(*a), (graphs, labels))
+        return jax.tree_util.tree_map(jnp.sum, per)
+    per = [
+        one(g, jax.tree_util.tree_map(lambda x, i=i: x[i], labels)) for i, g in enumerate(graphs)
+    ]
+    return jax.tree_util.tree_map(lambda *x: sum(x), *per)
+
+
+def weighted_loss(errs: dict, norms: dict, w: LossWeights) -> jax.Array:
+    return sum(getattr(w, k) * errs[k][0] / norms[k] for k in TARGETS)
+
+
+class ForceMatching:
+    """Force-matching trainer for a :class:`~celli_scale.potential.Potential`.
+
+    Example:
+      >>> fm = ForceMatching(pot, train_frames, valid_frames, TrainConfig(max_epochs=5))
+      >>> fm.fit(out_dir)  # doctest: +SKIP
+      >>> pot.params = fm.best_params
+    """
+
+    def __init__(
+        self,
+        pot: Any,
+        train: Sequence[Any],
+        valid: Sequence[Any] | None = None,
+        config: TrainConfig = TrainConfig(),
+    ) -> None:
+        self.pot, self.cfg = pot, config
+        train = list(train)
+        if valid is None:
+            rng = np.random.default_rng(config.seed)
+            perm = rng.permutation(len(train))
+            n_v = max(1, round(config.valid_fraction * len(train))) if len(train) > 1 else 0
+            valid = [train[i] for i in perm[:n_v]]
+            train = [train[i] for i in perm[n_v:]]
+        if not train:
+            raise ValueError("no training structures")
+        allf = train + list(valid)
+        n_pad = max(f.system.n_atoms for f in allf)
+        for f in allf:  # size the common edge capacity
+            pot.graph(f.system, n_atoms=n_pad)
+        cap = pot.capacities[0]
+        self.train = Dataset(pot, train, n_pad, cap)
+        self.valid = Dataset(pot, valid, n_pad, cap) if valid else None
+        self.stacked = self.train.stacked
+        self.devices = 1 if not self.stacked else (config.devices or jax.local_device_count())
+        self.batch_size = -(-config.batch_size // self.devices) * self.devices
+        self.steps_per_epoch = -(-len(self.train) // config.batch_size)
+        self.stress = (
+            config.loss.stress > 0
+            and self.train.periodic
+            and any(bool(lab["stress_mask"]) for lab in self.train.labels)
+        )
+        self.optimizer = make_optimizer(config, config.max_epochs * self.steps_per_epoch)
+        self._build_steps()
+
+    # -- compiled steps -----------------------------------------------------------------
+    def _build_steps(self) -> None:
+        model, w, stress, stacked = self.pot.model, self.cfg.loss, self.stress, self.stacked
+        opt = self.optimizer
+
+        def loss_and_errs(params, graphs, labels, norms):
+            errs = batch_errors(model, params, graphs, labels, stress, stacked)
+            return weighted_loss(errs, norms, w), errs
+
+        if stacked:
+            mesh = batch_mesh(self.devices)
+            self.sharding = NamedSharding(mesh, P(BATCH_AXIS))
+            self.replicated = NamedSharding(mesh, P())
+
+            def local_grad(params, graphs, labels, norms):
+                (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
+                    params, graphs, labels, norms
+                )
+                return jax.lax.psum((loss, errs, g), BATCH_AXIS)
+
+            def local_eval(params, graphs, labels, norms):
+                return jax.lax.psum(loss_and_errs(params, graphs, labels, norms), BATCH_AXIS)
+
+            spec = (P(), P(BATCH_AXIS), P(BATCH_AXIS), P())
+            grad_fn = jax.shard_map(
+                local_grad, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False
+            )
+            eval_fn = jax.shard_map(
+                local_eval, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False
+            )
+        else:
+            self.sharding = self.replicated = None
+
+            def grad_fn(params, graphs, labels, norms):
+                (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
+                    params, graphs, labels, norms
+                )
+                return loss, errs, g
+
+            eval_fn = loss_and_errs
+
+        def step(params, opt_state, graphs, labels, norms):
+            loss, errs, g = grad_fn(params, graphs, labels, norms)
+            updates, opt_state = opt.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss, errs
+
+        #: ``step(params, opt_state, graphs, labels, norms) -> (params, opt_state, loss, errs)``
+        self.step = jax.jit(step)
+        #: ``evaluate(params, graphs, labels, norms) -> (loss, errs)``
+        self.evaluate = jax.jit(eval_fn)
+        #: ``loss_and_grad(params, graphs, labels, norms) -> (loss, errs, grad)``
+        self.loss_and_grad = jax.jit(grad_fn)
+
+    def device_batch(self, ds: Dataset, idx: Sequence[int]) -> tuple[Any, dict, dict]:
+        graphs, labels = ds.batch(idx, self.batch_size)
+        norms = normalisers(labels)
+        if self.sharding is not None:
+            graphs = jax.device_put(graphs, self.sharding)
+            labels = jax.device_put(labels, self.sharding)
+        return graphs, labels, norms
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of training structures in ``epoch`` (from ``(seed, epoch)``)."""
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train))
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        order = self.epoch_order(epoch)
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    # -- state --------------------------------------------------------------------------
+    def init_state(self, params: Any | None = None) -> dict:
+        params = self.pot.params if params is None else params
+        dtype = self.pot.config.jnp_dtype
+        return {
+            "params": params,
+            "opt_state": self.optimizer.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "best_loss": jnp.asarray(jnp.inf, dtype),
+            "bad_epochs": jnp.asarray(0, jnp.int32),
+            "best_params": params,
+        }
+
+    def validate(self, params: Any) -> tuple[float, dict]:
+        """Validation loss and ``{target: (sum_sq, sum_abs, count)}``."""
+        ds = self.valid or self.train
+        tot = None
+        loss = 0.0
+        for i in range(0, len(ds), self.batch_size):
+            idx = list(range(i, min(i + self.batch_size, len(ds))))
+            graphs, labels, norms = self.device_batch(ds, idx)
+            lo, errs = self.evaluate(params, graphs, labels, norms)
+            errs = _with_counts(errs, norms)
+            loss += float(lo) * len(idx)
+            tot = errs if tot is None else _add(tot, errs)
+        return loss / len(ds), tot
+
+    # -- training -----------------------------------------------------------------------
+    def fit(self, out: str | Path | None = None, state: dict | None = None) -> dict:
+        """Train until ``max_epochs``, ``max_minutes`` or early stopping; returns the final
+        state (``state["best_params"]``: the parameters with the best validation loss).
+        With ``out``: checkpoints in ``out/checkpoints`` (resumed from when present) and
+        ``out/metrics.csv``."""
+        from tqdm.auto import tqdm
+
+        from celli_scale.train.checkpoint import Checkpoints
+
+        cfg = self.cfg
+        state = self.init_state() if state is None else state
+        ckpt = None
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint_keep)
+            restored = ckpt.restore(state)
+            if restored is not None:
+                state = restored
+                log.info("resumed from step %d", int(state["step"]))
+        if self.replicated is not None:  # parameters and optimizer state replicated
+            state = jax.device_put(state, self.replicated)
+        spe = self.steps_per_epoch
+        every = cfg.checkpoint_every or spe
+        t0 = time.monotonic()
+        step = int(state["step"])
+        params, opt_state = state["params"], state["opt_state"]
+        bar = tqdm(total=cfg.max_epochs * spe, initial=step, disable=not cfg.progress)
+        stop = False
+        epoch = step // spe
+        while epoch < cfg.max_epochs and not stop:
+            acc = None
+            for b, idx in enumerate(self.batches(epoch)):
+                if b < step - epoch * spe:
+                    continue  # resumed mid-epoch: these batches are done
+                graphs, labels, norms = self.device_batch(self.train, idx)
+                params, opt_state, loss, errs = self.step(params, opt_state, graphs, labels, norms)
+                step += 1
+                errs = _with_counts(errs, norms)
+                acc = errs if acc is None else _add(acc, errs)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4g}")
+                state = dict(state, params=params, opt_state=opt_state)
+                state["step"] = jnp.asarray(step, jnp.int32)
+                if step % spe == 0:
+                    state, stop = self._end_epoch(state, epoch, acc, out, t0)
+                if ckpt is not None and step % every == 0:
+                    ckpt.save(step, state)
+                if (time.monotonic() - t0) / 60 > cfg.max_minutes:
+                    stop = True
+                if stop:
+                    break
+            epoch += 1
+        bar.close()
+        if ckpt is not None:
+            ckpt.save(step, state)
+            ckpt.close()
+        if not np.isfinite(float(state["best_loss"])):
+            state["best_params"] = state["params"]
+        return state
+
+    def _end_epoch(self, state, epoch, acc, out, t0) -> tuple[dict, bool]:
+        vloss, verrs = self.validate(state["params"])
+        better = vloss < float(state["best_loss"])
+        state = dict(state)
+        if better:
+            state["best_loss"] = jnp.asarray(vloss, state["best_loss"].dtype)
+            state["best_params"] = state["params"]
+            state["bad_epochs"] = jnp.asarray(0, jnp.int32)
+        else:
+            state["bad_epochs"] = state["bad_epochs"] + 1
+        row = {"epoch": epoch + 1, "step": int(state["step"]), "valid_loss": vloss}
+        row["minutes"] = (time.monotonic() - t0) / 60
+        for split, e in (("train", acc), ("valid", verrs)):
+            for k in TARGETS:
+                sq, ab, n = e[k]
+                row[f"{split}_{k}_mae"] = ab / n if n else float("nan")
+                row[f"{split}_{k}_rmse"] = math.sqrt(sq / n) if n else float("nan")
+        self.history = [*getattr(self, "history", []), row]
+        if out is not None:
+            path = Path(out) / "metrics.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    wr.writeheader()
+                wr.writerow(row)
+        p = self.cfg.patience
+        return state, bool(p and int(state["bad_epochs"]) >= p)
+
+
+def _with_counts(errs: dict, norms: dict) -> dict:
+    """``{target: (sum_sq, sum_abs, entries)}`` on the host."""
+    return {k: (float(errs[k][0]), float(errs[k][1]), norms[k]) for k in TARGETS}
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: tuple(x + y for x, y in zip(a[k], b[k], strict=True)) for k in a}
