@@ -40,6 +40,7 @@ __all__ = [
     "random_params",
     "relative_error",
     "run_with_devices",
+    "small_celli_config",
 ]
 
 
@@ -61,6 +62,22 @@ def small_allegro_config(**overrides: Any) -> dict[str, Any]:
         edge_eng_mlp=(8,),
         avg_num_neighbors=6.0,
         dtype="float64",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def small_celli_config(**overrides: Any) -> dict[str, Any]:
+    """A narrow CELLI config: :func:`small_allegro_config` with ``l_max=1`` (short compile
+    times) and 8-wide Qeq-layer MLPs; ``overrides`` replace or add keys."""
+    cfg = small_allegro_config(l_max=1)
+    cfg.update(
+        name="celli",
+        chi_mlp=(8,),
+        charge_embed_mlp=(8,),
+        charge_embed_dim=4,
+        feedback_mlp=(8,),
+        feedback_init=0.5,
     )
     cfg.update(overrides)
     return cfg

@@ -15,21 +15,13 @@ import pytest
 import celli_scale as cs
 from celli_scale.models import build
 from celli_scale.models.celli import CELLIConfig
-from celli_scale.testing import assert_forces_match_fd, small_allegro_config
+from celli_scale.testing import assert_forces_match_fd, small_allegro_config, small_celli_config
 
 SPECIES = (11, 17)
 R_CUT = 3.5
 # l_max=1: short compile times; the l_max=2 tensor product is tested with Allegro
 ALLEGRO = small_allegro_config(r_cut=R_CUT, species=SPECIES, l_max=1)
-CELLI = dict(
-    ALLEGRO,
-    name="celli",
-    chi_mlp=(8,),
-    charge_embed_mlp=(8,),
-    charge_embed_dim=4,
-    feedback_mlp=(8,),
-    feedback_init=0.5,
-)
+CELLI = small_celli_config(r_cut=R_CUT, species=SPECIES)
 
 
 def open_cluster(n: int = 14, seed: int = 0, total_charge: float = 0.0) -> cs.System:

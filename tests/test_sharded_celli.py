@@ -23,21 +23,12 @@ from celli_scale.models import build, make_config
 from celli_scale.models.celli import qeq_raw_parameters
 from celli_scale.potential import Potential
 from celli_scale.qeq import QeqConvergenceError
-from celli_scale.testing import random_params, run_with_devices, small_allegro_config
+from celli_scale.testing import random_params, run_with_devices, small_celli_config
 
 ROOT = Path(__file__).resolve().parents[1]
 A = 2.2
 SHEAR = np.array([[1.0, 0.0, 0.0], [0.25, 1.0, 0.0], [0.15, -0.2, 1.0]])
-CELLI = dict(
-    small_allegro_config(r_cut=3.2, species=(11, 17), l_max=1),
-    name="celli",
-    chi_mlp=(8,),
-    charge_embed_mlp=(8,),
-    charge_embed_dim=4,
-    feedback_mlp=(8,),
-    feedback_init=0.5,
-    elec_sigma_max=1.0,
-)
+CELLI = small_celli_config(r_cut=3.2, species=(11, 17), elec_sigma_max=1.0)
 
 
 def _params(params, seed: int = 3):

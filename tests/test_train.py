@@ -12,7 +12,7 @@ import pytest
 import celli_scale as cs
 from celli_scale.datasets import rocksalt
 from celli_scale.io import Frame, write
-from celli_scale.testing import small_allegro_config
+from celli_scale.testing import small_allegro_config, small_celli_config
 from celli_scale.train import ForceMatching, TrainConfig
 from celli_scale.train.checkpoint import Checkpoints
 from celli_scale.train.cli import parse_config
@@ -158,15 +158,7 @@ def test_celli_learns_charges_of_open_clusters():
     charged and neutral clusters labelled by a reference CELLI; the validation loss drops."""
     from celli_scale.datasets import random_cluster
 
-    celli = small_allegro_config(
-        l_max=1,
-        name="celli",
-        chi_mlp=(8,),
-        charge_embed_mlp=(8,),
-        charge_embed_dim=4,
-        feedback_mlp=(8,),
-        feedback_init=0.5,
-    )
+    celli = small_celli_config()
     ref = cs.Potential.from_config(celli, seed=7)
     frames = []
     for k in range(3):
