@@ -23,6 +23,14 @@ grow (never an atom dropped) and :attr:`stats` counts it.
 Stress ``(1/V) ∂E/∂ε`` comes from the virial ``Σ x ⊗ ∂E/∂x`` over every sub-brick's
 nodes at their image positions (exact: ghosts are images of owned atoms shifted by cell
 rows, so a strain moves them together).
+
+CELLI: the halo also covers the electrostatics' real-space cut-off (sub-bricks keep the
+model's), and one call runs χ on the sub-bricks, the distributed Qeq
+(:mod:`celli_scale.distributed.qeq`), the local energy with halo-exchanged charges, the
+distributed adjoint solve and the χ path of the forces, and the electrostatic terms; the
+outputs add charges, the electrostatic energy and (open systems) the dipole. The
+reciprocal part of the stress is the strain derivative at fixed fractional coordinates.
+Both solves start from the previous call's solution.
 """
 
 from __future__ import annotations
