@@ -29,6 +29,29 @@ import numpy as np
 MESH_AXES: tuple[str, str, str] = ("x", "y", "z")
 
 
+def mesh_shape(shape: Any) -> tuple[int, int, int]:
+    """Bricks per axis as 3 positive integers (1 to 3 given; missing axes are 1)."""
+    try:
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}") from None
+    if not 1 <= len(dims) <= 3 or min(dims) < 1:
+        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}")
+    return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
+
+
+def mesh_devices(n: int) -> list[Any]:
+    """The first ``n`` devices JAX lists; a clear error naming the XLA flag when fewer."""
+    have = jax.devices()
+    if n > len(have):
+        raise ValueError(
+            f"the decomposition needs {n} devices but JAX sees {len(have)} "
+            f"({have[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_"
+            f"count={n} before JAX starts (the celli-scale run command does this)"
+        )
+    return have[:n]
+
+
 def stage_specs(stages: Sequence[Any]) -> tuple[tuple[int, int, int, tuple], ...]:
     """The static part of the stages: ``(axis, offset, capacity, perm)`` per stage."""
     return tuple((s.axis, s.offset, s.capacity, tuple(s.perm)) for s in stages)
@@ -98,4 +121,13 @@ def bytes_per_exchange(decomposition: Any, width: int = 3, itemsize: int = 4) ->
     return int(total)
 
 
-__all__ = ["MESH_AXES", "bytes_per_exchange", "forward", "reverse", "stage_arrays", "stage_specs"]
+__all__ = [
+    "MESH_AXES",
+    "bytes_per_exchange",
+    "forward",
+    "mesh_devices",
+    "mesh_shape",
+    "reverse",
+    "stage_arrays",
+    "stage_specs",
+]

@@ -61,14 +61,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.scipy.special import erf, erfc
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from celli_scale import electrostatics as el
 from celli_scale import qeq as qeq_mod
 from celli_scale.distributed import domains, halo
-from celli_scale.electrostatics import pme
+from celli_scale.electrostatics import direct, ewald, pme
 from celli_scale.electrostatics.limits import memory_limit
 from celli_scale.qeq_inputs import check_groups, check_per_atom
 from celli_scale.system import System
@@ -146,16 +145,13 @@ class ShardGeometry:
 
 
 def _kernel(r, layout: Layout, s_i, s_j):
-    """Pair kernel (COULOMB × 1/Å): real-space Ewald or the open-boundary Coulomb term."""
+    """Pair kernel (COULOMB × 1/Å): the single-device real-space Ewald or open-boundary
+    kernel (:func:`ewald.pair_kernel`, :func:`direct.pair_kernel`)."""
+    if not layout.gaussian:
+        s_i = s_j = None
     if layout.periodic:
-        k = erfc(layout.alpha * r)
-        if layout.gaussian:
-            k = k - erfc(r / jnp.sqrt(2.0 * (s_i**2 + s_j**2)))
-    elif layout.gaussian:
-        k = erf(r / jnp.sqrt(2.0 * (s_i**2 + s_j**2)))
-    else:
-        k = jnp.ones_like(r)
-    return COULOMB * k / r
+        return COULOMB * ewald.pair_kernel(r, layout.alpha, s_i, s_j)
+    return COULOMB * direct.pair_kernel(r, s_i, s_j)
 
 
 def _real_pairs(layout, x_buf, sigma_buf, centers, others, pmask, own_mask):
@@ -169,10 +165,8 @@ def _real_pairs(layout, x_buf, sigma_buf, centers, others, pmask, own_mask):
 
 def _kvectors(cell, kvecs, alpha):
     """``k`` (K, 3) and ``gk = 2 COULOMB/V · 4π/k² exp(−k²/4α²)`` (K,)."""
-    k = 2.0 * jnp.pi * kvecs.astype(cell.dtype) @ jnp.linalg.inv(cell).T
-    k2 = jnp.sum(k * k, axis=1)
-    volume = jnp.abs(jnp.linalg.det(cell))
-    return k, 2.0 * COULOMB / volume * 4.0 * jnp.pi / k2 * jnp.exp(-k2 / (4.0 * alpha**2))
+    k, g = ewald.kspace(cell, kvecs, alpha)
+    return k, 2.0 * COULOMB / jnp.abs(jnp.linalg.det(cell)) * g
 
 
 def _background(cell, alpha):
@@ -226,8 +220,8 @@ def shard_setup(layout, params, cell, x_buf, sigma_buf, own_mask, gid, pairs) ->
         kr = own_x @ k.T
         geom.update(cos=jnp.cos(kr), sin=jnp.sin(kr), gk=gk)
     else:
-        flat, wt = pme._spline_stencil(own_x, cell, layout.grid, layout.order)
-        infl = pme._influence(cell, layout.alpha, layout.grid, params.bsp_moduli)
+        flat, wt = pme.spline_stencil(own_x, cell, layout.grid, layout.order)
+        infl = pme.influence(cell, layout.alpha, layout.grid, params.bsp_moduli)
         geom.update(flat=flat, wt=wt, infl=infl)
     return ShardGeometry(**geom)
 
@@ -492,22 +486,22 @@ def shard_bilinear_grads(layout, params, cell, x_buf, sigma_buf, own_mask, pairs
 
     else:
         size = int(np.prod(layout.grid))
-        flat, wt = pme._spline_stencil(own_x, cell, layout.grid, layout.order)
+        flat, wt = pme.spline_stencil(own_x, cell, layout.grid, layout.order)
         fl = flat.reshape(-1)
         gu = jnp.zeros(size, dt).at[fl].add((wt * u[:, None]).reshape(-1))
         gv = jnp.zeros(size, dt).at[fl].add((wt * v[:, None]).reshape(-1))
         red = jax.lax.stop_gradient(_psum(jnp.concatenate([gu, gv, jnp.stack([sum_u, sum_v])])))
         qu, qv = red[:size], red[size : 2 * size]
         su, sv = red[2 * size], red[2 * size + 1]
-        infl = pme._influence(cell, layout.alpha, layout.grid, params.bsp_moduli)
+        infl = pme.influence(cell, layout.alpha, layout.grid, params.bsp_moduli)
         phi_u, phi_v = _conv(layout, qu, infl), _conv(layout, qv, infl)
 
         def recip(xo):
-            f, w = pme._spline_stencil(xo, cell, layout.grid, layout.order)
+            f, w = pme.spline_stencil(xo, cell, layout.grid, layout.order)
             return COULOMB * jnp.sum(w * (u[:, None] * phi_v[f] + v[:, None] * phi_u[f]))
 
         def strain(cl):  # fixed fractional coordinates: the charge grids unchanged
-            infl_c = pme._influence(cl, layout.alpha, layout.grid, params.bsp_moduli)
+            infl_c = pme.influence(cl, layout.alpha, layout.grid, params.bsp_moduli)
             b = COULOMB * jnp.sum(qu * _conv(layout, qv, infl_c))
             return b + _background(cl, layout.alpha) * su * sv
 
@@ -541,7 +535,7 @@ def choose_method(system: System, n_devices: int, accuracy: float, sigma: Any) -
     ``(C, K)`` tables in memory."""
     if not system.periodic:
         return "direct"
-    from celli_scale.electrostatics import params as pmod
+    from celli_scale.electrostatics.params import COST_FFT, COST_K, COST_SPLINE
 
     n = system.n_atoms
     per = n / max(int(n_devices), 1)
@@ -552,8 +546,8 @@ def choose_method(system: System, n_devices: int, accuracy: float, sigma: Any) -
         return "pme"
     n_k = ew.kvecs.shape[0]
     m = float(np.prod(pm.grid))
-    c_ewald = 2 * pmod._C_K * per * n_k
-    c_pme = 2 * pmod._C_SPLINE * per * pm.order**3 + 2 * pmod._C_FFT * m * math.log2(m)
+    c_ewald = 2 * COST_K * per * n_k
+    c_pme = 2 * COST_SPLINE * per * pm.order**3 + 2 * COST_FFT * m * math.log2(m)
     fits = 2 * per * n_k * 8 * 4 < memory_limit()
     return "ewald" if (c_ewald <= c_pme and fits) else "pme"
 
@@ -614,7 +608,7 @@ def _gather(plan, shard_values, n):
     return out
 
 
-def solve(
+def _prepared(
     system: System,
     chi: Any,
     hardness: Any,
@@ -632,26 +626,9 @@ def solve(
     group_charges: Any = None,
     weights: Any = None,
     skin: float = domains.SKIN,
-    check: bool = True,
-    _lower_only: bool = False,
-) -> DistributedQeqResult:
-    """Charge equilibration of ``system`` solved over a domain decomposition.
-
-    The same problem as :func:`celli_scale.qeq.solve` (arguments alike; ``sigma`` per
-    atom or ``None`` for point charges), with the system cut into ``devices`` bricks
-    (or ``mesh_shape``) and solved by the distributed CG of this module.
-
-    Args:
-      method: electrostatics, ``"auto"`` (:func:`choose_method`), ``"ewald"``, ``"pme"``
-        or ``"direct"`` (open systems).
-      weights: optional ``(N,)``: also return ``∂L/∂χ`` and ``∂L/∂x`` for
-        ``L = Σ weights_i q_i`` (the distributed adjoint solve).
-
-    Raises:
-      ValueError: bad inputs, as the single-device solver; an indefinite Qeq matrix.
-      QeqConvergenceError: the solve missed ``tol`` (with ``check=True``).
-    """
-    from celli_scale.distributed.sharded import _devices, _mesh_shape
+) -> tuple:
+    """Checks, decomposition, device arrays and the compiled function of a :func:`solve`
+    call: ``(fn, args, plan, params, layout)``."""
     from celli_scale.qeq_inputs import check_inputs
 
     n = system.n_atoms
@@ -669,12 +646,12 @@ def solve(
         gcharges = np.asarray([float(system.total_charge)])
     sig = None if sigma is None else np.broadcast_to(np.asarray(sigma, float), (n,))
     if mesh_shape is not None:
-        shape = _mesh_shape(mesh_shape)
+        shape = halo.mesh_shape(mesh_shape)
         n_dev = int(np.prod(shape))
     else:
         n_dev = 1 if devices is None else int(devices)
         shape = domains.mesh_for(n_dev, domains.frame_of(system).spacing)
-    devs = _devices(n_dev)
+    devs = halo.mesh_devices(n_dev)
     if method == "auto":
         method = choose_method(system, n_dev, accuracy, sig)
     params = prepare(system, method, accuracy, sig)
@@ -719,9 +696,67 @@ def solve(
     cell_j = jnp.asarray(np.where(np.asarray(system.pbc)[:, None], cell, 0.0), dt)
     fn = _solve_fn(layout, mesh, float(tol), maxiter or max(100, 2 * n), q0 is not None,
                    weights is not None)  # fmt: skip
-    if _lower_only:
-        return fn.lower(params, cell_j, jnp.asarray(gcharges, dt), arrays).as_text()
-    out = fn(params, cell_j, jnp.asarray(gcharges, dt), arrays)
+    args = (params, cell_j, jnp.asarray(gcharges, dt), arrays)
+    return fn, args, plan, params, layout
+
+
+def solve(
+    system: System,
+    chi: Any,
+    hardness: Any,
+    sigma: Any = None,
+    *,
+    devices: int | None = None,
+    mesh_shape: Any = None,
+    method: str = "auto",
+    accuracy: float = 1e-6,
+    tol: float = 1e-10,
+    maxiter: int | None = None,
+    q0: Any = None,
+    phi_ext: Any = None,
+    groups: Any = None,
+    group_charges: Any = None,
+    weights: Any = None,
+    skin: float = domains.SKIN,
+    check: bool = True,
+) -> DistributedQeqResult:
+    """Charge equilibration of ``system`` solved over a domain decomposition.
+
+    The same problem as :func:`celli_scale.qeq.solve` (arguments alike; ``sigma`` per
+    atom or ``None`` for point charges), with the system cut into ``devices`` bricks
+    (or ``mesh_shape``) and solved by the distributed CG of this module.
+
+    Args:
+      method: electrostatics, ``"auto"`` (:func:`choose_method`), ``"ewald"``, ``"pme"``
+        or ``"direct"`` (open systems).
+      weights: optional ``(N,)``: also return ``∂L/∂χ`` and ``∂L/∂x`` for
+        ``L = Σ weights_i q_i`` (the distributed adjoint solve).
+
+    Raises:
+      ValueError: bad inputs, as the single-device solver; an indefinite Qeq matrix.
+      QeqConvergenceError: the solve missed ``tol`` (with ``check=True``).
+    """
+    fn, args, plan, params, layout = _prepared(
+        system,
+        chi,
+        hardness,
+        sigma,
+        devices=devices,
+        mesh_shape=mesh_shape,
+        method=method,
+        accuracy=accuracy,
+        tol=tol,
+        maxiter=maxiter,
+        q0=q0,
+        phi_ext=phi_ext,
+        groups=groups,
+        group_charges=group_charges,
+        weights=weights,
+        skin=skin,
+    )
+    n = system.n_atoms
+    dt = args[1].dtype
+    out = fn(*args)
     res = DistributedQeqResult(
         charges=jnp.asarray(_gather(plan, out["q"], n)),
         chemical_potential=-(out["lam"][0] if groups is None else out["lam"]),
@@ -804,7 +839,8 @@ def loop_collectives(stablehlo_text: str) -> list[dict[str, int]]:
 def lowered_solve_text(system: System, chi: Any, hardness: Any, sigma: Any = None, **kw) -> str:
     """The StableHLO text of the program :func:`solve` runs for these arguments (for
     counting collectives; nothing is executed)."""
-    return solve(system, chi, hardness, sigma, _lower_only=True, **kw)
+    fn, args, *_ = _prepared(system, chi, hardness, sigma, **kw)
+    return fn.lower(*args).as_text()
 
 
 def _solve_fn(layout, mesh, tol, maxiter, warm, adjoint):

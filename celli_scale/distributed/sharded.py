@@ -124,16 +124,6 @@ class ShardStats:
         )
 
 
-def _mesh_shape(shape: Any) -> tuple[int, int, int]:
-    try:
-        dims = [int(d) for d in shape]
-    except (TypeError, ValueError):
-        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}") from None
-    if not 1 <= len(dims) <= 3 or min(dims) < 1:
-        raise ValueError(f"mesh_shape must be 1 to 3 positive integers, got {shape!r}")
-    return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
-
-
 def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
     """Whether a decomposition needed larger arrays than ``before`` (a recompilation)."""
     keys = ("owned", "nodes", "edges", "cut_edges")
@@ -151,17 +141,6 @@ def _structure_key(system: System) -> tuple:
         None if system.cell is None else np.asarray(system.cell, float).tobytes(),
         tuple(system.pbc),
     )
-
-
-def _devices(n: int) -> list[Any]:
-    have = jax.devices()
-    if n > len(have):
-        raise ValueError(
-            f"the decomposition needs {n} devices but JAX sees {len(have)} "
-            f"({have[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_"
-            f"count={n} before JAX starts (the celli-scale run command does this)"
-        )
-    return have[:n]
 
 
 class ShardedPotential:
@@ -227,12 +206,12 @@ class ShardedPotential:
         if mesh is not None:
             if not isinstance(mesh, Mesh) or mesh.devices.ndim > 3:
                 raise ValueError("mesh must be a jax.sharding.Mesh with 1 to 3 axes")
-            self._fixed_shape = _mesh_shape(mesh.devices.shape)
+            self._fixed_shape = halo.mesh_shape(mesh.devices.shape)
             self._device_list = list(mesh.devices.flat)
             self._n_devices = len(self._device_list)
         else:
             if mesh_shape is not None:
-                self._fixed_shape = _mesh_shape(mesh_shape)
+                self._fixed_shape = halo.mesh_shape(mesh_shape)
                 self._n_devices = int(np.prod(self._fixed_shape))
             elif devices is not None:
                 if isinstance(devices, bool) or not isinstance(devices, int | np.integer):
@@ -240,7 +219,7 @@ class ShardedPotential:
                 if devices < 1:
                     raise ValueError(f"devices must be a positive integer, got {devices!r}")
                 self._n_devices = int(devices)
-            self._device_list = _devices(self._n_devices)
+            self._device_list = halo.mesh_devices(self._n_devices)
         cfg = pot.config
         self.halo = cfg.receptive_field + self.skin
         self.reach = cfg.receptive_field - cfg.r_cut

@@ -23,12 +23,16 @@ def pair_matrix(positions: jax.Array, sigma: jax.Array | None, mask: jax.Array) 
     r2 = jnp.sum(vec * vec, axis=-1)
     valid = (~jnp.eye(n, dtype=bool)) & mask[:, None] & mask[None, :]
     r = jnp.sqrt(jnp.where(valid, r2, 1.0))
-    if sigma is None:
-        k = 1.0 / r
-    else:
-        g2 = sigma[:, None] ** 2 + sigma[None, :] ** 2
-        k = erf(r / jnp.sqrt(2.0 * g2)) / r
-    return jnp.where(valid, k, 0.0)
+    s_i, s_j = (None, None) if sigma is None else (sigma[:, None], sigma[None, :])
+    return jnp.where(valid, pair_kernel(r, s_i, s_j), 0.0)
+
+
+def pair_kernel(r: jax.Array, s_i: jax.Array | None, s_j: jax.Array | None) -> jax.Array:
+    """Open-boundary pair kernel (1/Å, without COULOMB): ``erf(r/(√2 γ))/r`` with
+    ``γ² = σ_i² + σ_j²``, or ``1/r`` for point charges (``s_i`` None)."""
+    if s_i is None:
+        return 1.0 / r
+    return erf(r / jnp.sqrt(2.0 * (s_i**2 + s_j**2))) / r
 
 
 def self_potential(q: jax.Array, sigma: jax.Array | None) -> jax.Array:

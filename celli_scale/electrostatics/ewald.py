@@ -29,8 +29,9 @@ _BLOCK_ELEMENTS = 1 << 21
 _DIRECT_ELEMENTS = 1 << 23
 
 
-def _kernel(r, alpha, s_i, s_j):
-    """[erfc(α r) − erfc(r/(√2 γ))]/r, or erfc(α r)/r for point charges (1/Å)."""
+def pair_kernel(r, alpha, s_i, s_j):
+    """Real-space pair kernel (1/Å, without COULOMB): [erfc(α r) − erfc(r/(√2 γ))]/r with
+    ``γ² = σ_i² + σ_j²``, or erfc(α r)/r for point charges (``s_i`` None)."""
     k = erfc(alpha * r)
     if s_i is not None:
         k = k - erfc(r / jnp.sqrt(2.0 * (s_i**2 + s_j**2)))
@@ -52,7 +53,7 @@ def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, w
     r = jnp.sqrt(jnp.where(pm, r2, 1.0))
     s_i = None if sigma is None else sigma[i]
     s_j = None if sigma is None else sigma[j]
-    kern = jnp.where(pm, _kernel(r, alpha, s_i, s_j), 0.0)
+    kern = jnp.where(pm, pair_kernel(r, alpha, s_i, s_j), 0.0)
     if want == "phi":
         return COULOMB * jax.ops.segment_sum(kern * q[j], i, num_segments=n)
     return 0.5 * COULOMB * jnp.sum(q[i] * kern * q[j])
@@ -78,7 +79,7 @@ def real_space_dense(positions, cell, q, sigma, alpha, r_cut, shifts, mask, want
     r = jnp.sqrt(jnp.where(pm, r2, 1.0))
     s_i = None if sigma is None else sigma[:, None, None]
     s_j = None if sigma is None else sigma[None, :, None]
-    kern = jnp.where(pm, _kernel(r, alpha, s_i, s_j), 0.0).sum(axis=-1)  # (i, j)
+    kern = jnp.where(pm, pair_kernel(r, alpha, s_i, s_j), 0.0).sum(axis=-1)  # (i, j)
     if want == "phi":
         return COULOMB * (kern @ q)
     return 0.5 * COULOMB * (q @ (kern @ q))
@@ -92,15 +93,21 @@ def self_and_background_potential(q, sigma, alpha, volume) -> jax.Array:
     return COULOMB * phi
 
 
+def kspace(cell, kvecs, alpha):
+    """Wave vectors ``k = 2π n · inv(cell)ᵀ`` (K, 3) in 1/Å of the integer ``kvecs`` and the
+    Ewald weights ``4π/k² exp(−k²/4α²)`` (K,) in Å²; differentiable w.r.t. the cell."""
+    k = 2.0 * jnp.pi * kvecs.astype(cell.dtype) @ jnp.linalg.inv(cell).T
+    k2 = jnp.sum(k * k, axis=1)
+    return k, 4.0 * jnp.pi / k2 * jnp.exp(-k2 / (4.0 * alpha**2))
+
+
 def reciprocal(positions, cell, q, alpha, kvecs, want):
     """Ewald reciprocal sum over the half-space integer vectors ``kvecs``: φ (N,) or E ()."""
     n = positions.shape[0]
     volume = jnp.abs(jnp.linalg.det(cell))
     if kvecs.shape[0] == 0:
         return jnp.zeros(n, positions.dtype) if want == "phi" else jnp.zeros((), positions.dtype)
-    k = 2.0 * jnp.pi * kvecs @ jnp.linalg.inv(cell).T  # (K, 3)
-    k2 = jnp.sum(k * k, axis=1)
-    g = 4.0 * jnp.pi / k2 * jnp.exp(-k2 / (4.0 * alpha**2))
+    k, g = kspace(cell, kvecs, alpha)  # (K, 3), (K,)
 
     def terms(acc, kb, gb):
         kr = positions @ kb.T  # (N, B)

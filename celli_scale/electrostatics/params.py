@@ -68,7 +68,7 @@ CELL_MARGIN = 0.05
 # cost-model weights (relative time per unit of work on CPU, measured roughly with
 # bench/bench_electrostatics.py): real-space pair, Ewald (atom, k) term, PME spline
 # point (spread + gather), FFT point * log2(points)
-_C_PAIR, _C_K, _C_SPLINE, _C_FFT = 1.0, 0.7, 0.5, 0.016
+COST_PAIR, COST_K, COST_SPLINE, COST_FFT = 1.0, 0.7, 0.5, 0.016
 
 
 @struct.dataclass
@@ -227,7 +227,7 @@ def _choose(method: str, cell: np.ndarray, n_atoms: int, eps: float, sigma_max: 
         n_pairs = n_atoms * (4.0 / 3.0) * np.pi * r_cut**3 * rho
         if method == "ewald":
             n_k = (4.0 / 3.0) * np.pi * k_cut**3 * vol / (2 * np.pi) ** 3 / 2
-            cost = _C_PAIR * n_pairs + _C_K * n_atoms * n_k
+            cost = COST_PAIR * n_pairs + COST_K * n_atoms * n_k
             extra = {}
         else:
             y = (eps / (2.0 * math.sqrt(2.0))) ** (1.0 / order)
@@ -235,7 +235,9 @@ def _choose(method: str, cell: np.ndarray, n_atoms: int, eps: float, sigma_max: 
             h = min(h_interp, np.pi / k_cut)
             grid = tuple(_next_fast_len(max(int(math.ceil(L / h)), 2 * order)) for L in lengths)
             m = float(np.prod(grid))
-            cost = _C_PAIR * n_pairs + _C_SPLINE * n_atoms * order**3 + _C_FFT * m * math.log2(m)
+            cost = (
+                COST_PAIR * n_pairs + COST_SPLINE * n_atoms * order**3 + COST_FFT * m * math.log2(m)
+            )
             extra = {"grid": grid}
         if best is None or cost < best[0]:
             best = (cost, alpha, s, r_cut, k_cut, extra)

@@ -18,7 +18,7 @@ from celli_scale.electrostatics.params import bspline_values
 from celli_scale.units import COULOMB
 
 
-def _spline_stencil(positions, cell, grid, order):
+def spline_stencil(positions, cell, grid, order):
     """Flat grid indices ``(N, p³)`` and weights ``(N, p³)`` of every atom."""
     k = jnp.asarray(grid, dtype=positions.dtype)
     frac = positions @ jnp.linalg.inv(cell)
@@ -37,7 +37,7 @@ def _spline_stencil(positions, cell, grid, order):
     return flat.reshape(n, -1), wt.reshape(n, -1)
 
 
-def _influence(cell, alpha, grid, moduli):
+def influence(cell, alpha, grid, moduli):
     """Influence function on the rfft half grid (real, G(0) = 0)."""
     k1, k2, k3 = grid
     dtype = cell.dtype
@@ -63,7 +63,7 @@ def _influence(cell, alpha, grid, moduli):
 
 def reciprocal(positions, cell, q, alpha, grid, order, moduli, want):
     """PME reciprocal part: φ (N,) in V or energy () in eV."""
-    flat, wt = _spline_stencil(positions, cell, grid, order)
+    flat, wt = spline_stencil(positions, cell, grid, order)
     size = grid[0] * grid[1] * grid[2]
     charge_grid = (
         jnp.zeros(size, positions.dtype)
@@ -71,7 +71,7 @@ def reciprocal(positions, cell, q, alpha, grid, order, moduli, want):
         .add((wt * q[:, None]).reshape(-1))
         .reshape(grid)
     )
-    g = _influence(cell, alpha, grid, moduli)
+    g = influence(cell, alpha, grid, moduli)
     phi_grid = jnp.fft.irfftn(jnp.fft.rfftn(charge_grid) * g, s=grid)
     if want == "phi":
         return COULOMB * jnp.sum(wt * phi_grid.reshape(-1)[flat], axis=1)
