@@ -14,6 +14,7 @@ The training config (YAML, ``yaml.safe_load`` semantics via
     patience: 10
     seed: 0
     checkpoint: {keep: 3, every: 0}
+    fit_energy_shift: true   # per-species shifts start at least-squares atomic energies
 
 It writes ``out/model/`` (:meth:`Potential.save` of the best parameters),
 ``out/checkpoints/`` and ``out/metrics.csv``.
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 TOP_KEYS = {
     "model", "data", "out", "loss", "optimizer", "batch_size", "max_epochs",
     "max_minutes", "patience", "seed", "checkpoint", "devices", "progress",
+    "fit_energy_shift",
 }  # fmt: skip
 DATA_KEYS = {"train", "valid", "valid_fraction"}
 OPT_KEYS = {"name", "learning_rate", "schedule", "final_lr_fraction"}
@@ -90,8 +92,11 @@ def parse_config(cfg: Any) -> tuple[dict, dict, Path, TrainConfig]:
         kw["max_minutes"] = math.inf if cfg["max_minutes"] is None else float(cfg["max_minutes"])
     if "devices" in cfg:
         kw["devices"] = None if cfg["devices"] is None else int(cfg["devices"])
-    if "progress" in cfg:
-        kw["progress"] = bool(cfg["progress"])
+    for k in ("progress", "fit_energy_shift"):
+        if k in cfg:
+            if not isinstance(cfg[k], bool):
+                raise ValueError(f"'{k}' must be true or false, got {cfg[k]!r}")
+            kw[k] = cfg[k]
     if "valid_fraction" in data:
         kw["valid_fraction"] = float(data["valid_fraction"])
     if not isinstance(cfg["model"], dict):

@@ -67,6 +67,9 @@ class TrainConfig:
       checkpoint_keep: checkpoints kept; checkpoint_every: steps between checkpoints
         (0: at the end of every epoch).
       progress: show a tqdm progress bar.
+      fit_energy_shift: start the per-species energy shifts (``scale_shift/shift``) at
+        the least-squares atomic reference energies of the training set (energy ≈ Σ_Z
+        n_Z E_Z; QM total energies are hundreds of eV per atom away from a fresh model's).
     """
 
     loss: LossWeights = LossWeights()
@@ -84,6 +87,7 @@ class TrainConfig:
     checkpoint_keep: int = 3
     checkpoint_every: int = 0
     progress: bool = True
+    fit_energy_shift: bool = True
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
@@ -172,6 +176,47 @@ class Dataset:
         return graphs, labels
 
 
+def atomic_reference_energies(frames: Sequence[Any], species: Sequence[int]) -> np.ndarray:
+    """Least-squares ``E_Z`` (eV, one per model species) with ``E ≈ Σ_Z n_Z E_Z`` over the
+    frames that have an energy; species absent from the data get the mean. A tiny ridge
+    keeps the fit defined when compositions are collinear (e.g. one composition only)."""
+    zs = list(species)
+    rows, e = [], []
+    for f in frames:
+        if f.energy is None:
+            continue
+        z = np.asarray(f.system.species)
+        rows.append([np.sum(z == s) for s in zs])
+        e.append(float(f.energy))
+    if not rows:
+        return np.zeros(len(zs))
+    a, e = np.asarray(rows, float), np.asarray(e)
+    present = a.sum(0) > 0
+    mean = e.sum() / a.sum()  # eV per atom
+    ap = a[:, present]
+    lam = 1e-8 * max(float(np.trace(ap.T @ ap)), 1.0)
+    sol = np.linalg.solve(ap.T @ ap + lam * np.eye(ap.shape[1]), ap.T @ (e - ap.sum(1) * mean))
+    out = np.full(len(zs), mean)
+    out[present] += sol
+    return out
+
+
+def set_energy_shift(params: Any, shift: np.ndarray) -> tuple[Any, int]:
+    """``params`` with every ``.../scale_shift/shift`` leaf set to ``shift``; returns the
+    new tree and how many leaves were set."""
+    count = 0
+
+    def visit(path, leaf):
+        nonlocal count
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-2:] == ["scale_shift", "shift"] and leaf.shape == shift.shape:
+            count += 1
+            return jnp.asarray(shift, leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(visit, params), count
+
+
 def normalisers(labels: dict) -> dict[str, float]:
     """Counts the loss terms are divided by (host; at least 1)."""
     node = labels["node_mask"]
@@ -244,6 +289,11 @@ class ForceMatching:
             and any(bool(lab["stress_mask"]) for lab in self.train.labels)
         )
         self.optimizer = make_optimizer(config, config.max_epochs * self.steps_per_epoch)
+        if config.fit_energy_shift and pot.params is not None:
+            e0 = atomic_reference_energies(train, pot.config.species)
+            pot.params, n_set = set_energy_shift(pot.params, e0)
+            if n_set:
+                log.info("atomic reference energies (eV): %s", np.round(e0, 4).tolist())
         self._build_steps()
 
     # -- compiled steps -----------------------------------------------------------------
