@@ -212,17 +212,50 @@ class Potential:
         self._edge_capacity = 0
         self._elec_capacity = 0
 
-    def batch_graph(self, systems: Sequence[System], n_atoms: int | None = None) -> Graph:
-        """Graphs of ``systems`` with one common edge capacity (the largest need) and
-        ``n_atoms`` atoms (default: the largest system), stacked along a leading axis.
-        Electrostatics parameters must agree in shape (same cell shape and size)."""
+    def batch_graphs(self, systems: Sequence[System], n_atoms: int | None = None) -> list[Graph]:
+        """Graphs of ``systems`` that stack: ``n_atoms`` atoms each (default: the largest
+        system), one common edge capacity (the largest need) and, for charge models, one
+        set of electrostatics shapes (:func:`celli_scale.electrostatics.params.unify`:
+        common Ewald split and cut-offs, k-vectors padded, the largest PME grid; every
+        structure at least as accurate as alone). Periodic and open structures of a charge
+        model cannot share a batch (ValueError)."""
         n_pad = max(s.n_atoms for s in systems) if n_atoms is None else int(n_atoms)
-        graphs = [self.graph(s, n_atoms=n_pad) for s in systems]
-        cap = self._edge_capacity
-        graphs = [
-            g if g.senders.shape[0] == cap else self.graph(s, n_atoms=n_pad, edge_capacity=cap)
-            for g, s in zip(graphs, systems, strict=True)
+        elec: list[Any] = [None] * len(systems)
+        if self.is_charge_model:
+            from celli_scale.electrostatics.params import unify
+
+            cells = [np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell) for s in systems]
+            elec = [self._elec_params(s) for s in systems]
+            methods = {p.method for p in elec}
+            if len(methods) > 1 and "direct" not in methods:
+                # "auto" picked Ewald for the small cells and PME for the large: all take
+                # the method of the largest structure
+                big = max(range(len(systems)), key=lambda i: systems[i].n_atoms)
+                elec = [self._elec_params(s, elec[big].method) for s in systems]
+            elec = unify(
+                elec,
+                cells,
+                float(getattr(self.config, "elec_sigma_max", 0.0) or 0.0),
+            )
+        pairs = zip(systems, elec, strict=True)
+        graphs = [self.graph(s, n_atoms=n_pad, elec_params=e) for s, e in pairs]
+        caps = self.capacities
+
+        def elec_cap(g: Graph) -> int:
+            return 0 if g.elec_neighbors is None else g.elec_neighbors.senders.shape[0]
+
+        return [
+            g
+            if g.senders.shape[0] == caps[0] and elec_cap(g) in (0, caps[1])
+            else self.graph(s, n_atoms=n_pad, edge_capacity=caps[0], elec_params=e)
+            for g, s, e in zip(graphs, systems, elec, strict=True)
         ]
+
+    def batch_graph(self, systems: Sequence[System], n_atoms: int | None = None) -> Graph:
+        """:meth:`batch_graphs` stacked along a leading axis (one compiled call)."""
+        graphs = self.batch_graphs(systems, n_atoms)
+        if len({g.periodic for g in graphs}) > 1:
+            raise ValueError("a batch mixes periodic and open structures")
         return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
 
     @property
@@ -240,10 +273,15 @@ class Potential:
             check_residual(out.qeq_residual, self.qeq_tol)
 
     def graph(
-        self, system: System, n_atoms: int | None = None, edge_capacity: int | None = None
+        self,
+        system: System,
+        n_atoms: int | None = None,
+        edge_capacity: int | None = None,
+        elec_params: Any = None,
     ) -> Graph:
         """Host-side graph of a concrete ``system``, optionally padded to ``n_atoms`` atoms
-        and ``edge_capacity`` edges."""
+        and ``edge_capacity`` edges; charge models take ``elec_params`` (e.g. unified over
+        a batch) instead of preparing their own."""
         dtype = self.config.jnp_dtype
         n = system.n_atoms
         n_pad = n if n_atoms is None else int(n_atoms)
@@ -261,9 +299,13 @@ class Potential:
         mask = np.zeros(n_pad, dtype=bool)
         mask[:n] = True
         cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, dtype=float)
-        elec_params = elec_nl = None
+        elec_nl = None
         if self.is_charge_model:
-            elec_params, elec_nl = self._electrostatics(system)
+            if elec_params is None:
+                elec_params = self._elec_params(system)
+            # the arrays are padded to n_pad atoms: say so (graphs of one padded size stack)
+            elec_params = elec_params.replace(n_atoms=n_pad)
+            elec_nl = self._elec_neighbors(system, elec_params)
         return Graph(
             positions=jnp.asarray(pos, dtype=dtype),
             species=jnp.asarray(spc),
@@ -279,27 +321,29 @@ class Potential:
             periodic=system.periodic,
         )
 
-    def _electrostatics(self, system: System):
+    def _elec_params(self, system: System, method: str | None = None):
         from celli_scale import electrostatics as el
 
         # The learnt Gaussian widths are only known inside jit; the model caps them at
         # elec_sigma_max, so the real-space cut-off is chosen for that width.
         sigma_max = getattr(self.config, "elec_sigma_max", None)
-        params = el.prepare(
+        return el.prepare(
             system,
-            method=self.config.elec_method,
+            method=self.config.elec_method if method is None else method,
             accuracy=self.config.elec_accuracy,
             sigma=None if sigma_max is None else np.full(system.n_atoms, float(sigma_max)),
         )
+
+    def _elec_neighbors(self, system: System, params: Any):
         if not params.periodic:
-            return params, None
+            return None
         # same growth rule as the model's list: head-room so that later structures reuse
         # the compiled function, one build per call
         nl = neighbor_list(
             system, params.r_cut, capacity=self._elec_capacity, growth=self.capacity_growth
         )
         self._elec_capacity = max(self._elec_capacity, nl.capacity)
-        return params, nl
+        return nl
 
     # -- evaluation ---------------------------------------------------------------------
     def __call__(self, system: System | Batch) -> PotentialOutput:
@@ -317,9 +361,9 @@ class Potential:
         systems = list(batch)
         n_pad = batch.n_atoms_padded
         periodic = [_has_volume(s) for s in systems]
-        if self.is_charge_model or (any(periodic) and not all(periodic)):
-            # Electrostatics parameters differ in shape between cells (k-vectors), and
-            # mixed periodic/open batches differ in outputs: evaluate one by one, padded.
+        if any(periodic) and not all(periodic):
+            # mixed periodic/open batches differ in outputs (stress, dipole) and, for
+            # charge models, in electrostatics method: evaluate one by one, padded
             outs = [self._single(s, n_pad) for s in systems]
             outs = [
                 o

@@ -679,3 +679,44 @@ def test_coulomb_constant_from_codata():
     u = ase.units.create_units("2022")
     assert COULOMB == pytest.approx(u["_e"] / (4 * math.pi * u["_eps0"]) * 1e10, rel=5e-12)
     assert abs(COULOMB / 14.399645 - 1) > 1e-8  # not the old rounded value
+
+
+@pytest.mark.parametrize("method", ["ewald", "pme"])
+def test_unified_parameters_keep_each_structures_accuracy(method):
+    """Parameters made one shape for a batch (one split, padded k-vectors, the largest PME
+    grid) give each structure's energy, charge-potential and forces as its own parameters
+    do, to the accuracy asked for; the zero-padded k-vectors add nothing, not even NaN
+    gradients."""
+    from celli_scale.electrostatics.params import PAD_SHIFT, unify
+
+    acc = 1e-8
+    systems = [
+        cs.datasets.rocksalt(1, rattle=0.1, seed=1),
+        cs.datasets.rocksalt(1, a=6.3, rattle=0.1, seed=2),
+        cs.datasets.rocksalt(2, a=5.5, rattle=0.1, seed=3),
+    ]
+    own = [el.prepare(s, method=method, accuracy=acc) for s in systems]
+    uni = unify(own, [s.cell for s in systems])
+    assert len({(p.alpha, p.r_cut, p.kvecs.shape, p.shifts.shape, p.grid) for p in uni}) == 1
+    assert uni[0].alpha == min(p.alpha for p in own)
+    if method == "ewald":
+        assert len({p.kvecs.shape for p in own}) > 1  # the padding is exercised
+    assert any(np.any(np.all(np.asarray(p.shifts) == PAD_SHIFT, axis=1)) for p in uni)
+    for s, p0, p1 in zip(systems, own, uni, strict=True):
+        q = np.where(np.asarray(s.species) == 11, 1.0, -1.0)
+        sig = np.full(s.n_atoms, 0.8)
+        ref = el.energy_and_forces(s, q, sig, params=p0)
+        got = el.energy_and_forces(s, q, sig, params=p1)
+        scale = abs(float(ref[0]))
+        assert abs(float(got[0]) - float(ref[0])) < 10 * acc * scale
+        f_scale = float(np.max(np.abs(ref[1])))
+        assert float(np.max(np.abs(np.asarray(got[1]) - ref[1]))) < 10 * acc * max(f_scale, 1.0)
+        # gradients w.r.t. the cell go through kspace's padded rows: finite
+        nl = el.real_space_neighbors(s, p1)
+
+        def e_of_cell(cell, s=s, q=q, sig=sig, p1=p1, nl=nl):
+            pos = jnp.asarray(s.positions)
+            return el.energy_arrays(pos, cell, q, sig, p1, nl)
+
+        g = jax.grad(e_of_cell)(jnp.asarray(s.cell))
+        assert np.all(np.isfinite(np.asarray(g)))

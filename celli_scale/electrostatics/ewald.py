@@ -95,10 +95,14 @@ def self_and_background_potential(q, sigma, alpha, volume) -> jax.Array:
 
 def kspace(cell, kvecs, alpha):
     """Wave vectors ``k = 2π n · inv(cell)ᵀ`` (K, 3) in 1/Å of the integer ``kvecs`` and the
-    Ewald weights ``4π/k² exp(−k²/4α²)`` (K,) in Å²; differentiable w.r.t. the cell."""
+    Ewald weights ``4π/k² exp(−k²/4α²)`` (K,) in Å²; differentiable w.r.t. the cell.
+    Zero rows (padding of batched parameters, :func:`celli_scale.electrostatics.params.unify`)
+    get weight 0."""
     k = 2.0 * jnp.pi * kvecs.astype(cell.dtype) @ jnp.linalg.inv(cell).T
     k2 = jnp.sum(k * k, axis=1)
-    return k, 4.0 * jnp.pi / k2 * jnp.exp(-k2 / (4.0 * alpha**2))
+    real = jnp.any(kvecs != 0, axis=1)
+    k2s = jnp.where(real, k2, 1.0)  # no 1/0 in the padding, not even in the gradient
+    return k, jnp.where(real, 4.0 * jnp.pi / k2s * jnp.exp(-k2s / (4.0 * alpha**2)), 0.0)
 
 
 def reciprocal(positions, cell, q, alpha, kvecs, want):

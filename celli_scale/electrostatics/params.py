@@ -213,11 +213,96 @@ def _bspline_moduli(k: int, order: int) -> np.ndarray:
     return 1.0 / d2
 
 
+def _pme_grid(cell: np.ndarray, alpha: float, k_cut: float, eps: float, order: int) -> tuple:
+    """PME grid for split ``alpha``: B-spline interpolation error below ε/√2 (see the
+    module docs) and ``k_cut`` resolved (Nyquist), FFT-friendly sizes."""
+    y = (eps / (2.0 * math.sqrt(2.0))) ** (1.0 / order)
+    h = min((2.0 * np.pi / (3.0 * alpha)) * y / (1.0 + y), np.pi / k_cut)
+    lengths = np.linalg.norm(cell, axis=1)
+    return tuple(_next_fast_len(max(int(math.ceil(L / h)), 2 * order)) for L in lengths)
+
+
+def _pme_moduli(grid: tuple, order: int, dtype: Any) -> tuple:
+    mods = (
+        _bspline_moduli(grid[0], order),
+        _bspline_moduli(grid[1], order),
+        _bspline_moduli(grid[2], order)[: grid[2] // 2 + 1],
+    )
+    return tuple(jnp.asarray(m, dtype=dtype) for m in mods)
+
+
+#: Image shift that pads the ``shifts`` of :func:`unify`: so far that no pair within any
+#: cut-off uses it (the dense real-space sum masks pairs beyond ``r_cut``).
+PAD_SHIFT = (1.0e4, 0.0, 0.0)
+
+
+def unify(
+    params: list[ElectrostaticsParams], cells: list[Any], sigma_max: float = 0.0
+) -> list[ElectrostaticsParams]:
+    """Parameters of several structures made one shape, so their graphs stack into one
+    batch and one compiled call (training batches of CELLI, ``pot(Batch)``).
+
+    Every structure keeps at least the accuracy it was prepared for: one split
+    ``α = min α_i`` and error exponent ``s = max s_i`` for all, so the real-space cut-off
+    ``max(s/α, 2 s σ_max)`` and the reciprocal cut-off ``k_cut = 2 α s`` satisfy each
+    structure's Kolafa–Perram bounds (``α r_cut ≥ s_i``, ``k_cut/2α ≥ s_i``). Ewald
+    k-vectors are chosen per cell for that ``k_cut`` and padded with zero rows (weight 0 in
+    :func:`celli_scale.electrostatics.ewald.kspace`); PME takes the largest grid along each
+    axis (finer than each structure needs). Image shifts are padded with
+    :data:`PAD_SHIFT`. Open structures (direct) need nothing beyond a common atom count.
+
+    Args:
+      params: from :func:`prepare`, one per structure, all the same method.
+      cells: the structures' ``(3, 3)`` cells (ignored for direct).
+      sigma_max: the largest Gaussian width (Å) the parameters must serve.
+
+    Raises:
+      ValueError: methods, accuracies or PME orders differ.
+    """
+    methods = {p.method for p in params}
+    if len(methods) != 1:
+        raise ValueError(
+            f"cannot batch structures with different electrostatics methods {sorted(methods)} "
+            "(e.g. periodic and open structures): evaluate them in separate batches"
+        )
+    method = methods.pop()
+    if len({p.accuracy for p in params}) != 1 or len({p.order for p in params}) != 1:
+        raise ValueError("cannot batch electrostatics parameters of different accuracy or order")
+    if method == "direct":
+        return list(params)
+    eps, order = params[0].accuracy, params[0].order
+    dtype = params[0].shifts.dtype
+    alpha = min(p.alpha for p in params)
+    s = max(p.s for p in params)
+    r_cut = max(s / alpha, 2.0 * s * float(sigma_max), max(p.r_cut for p in params))
+    k_cut = 2.0 * alpha * s
+    cells = [np.asarray(c, dtype=float) for c in cells]
+    pbc = (True, True, True)
+    shifts = [cellmod.image_shifts(c, pbc, r_cut * (1 + CELL_MARGIN)) for c in cells]
+    n_s = max(len(x) for x in shifts)
+    shifts = [np.concatenate([x, np.tile(PAD_SHIFT, (n_s - len(x), 1))]) for x in shifts]
+    common = dict(alpha=float(alpha), s=float(s), r_cut=float(r_cut))
+    if method == "ewald":
+        kv = [_half_kvectors(c, k_cut * (1 + CELL_MARGIN)) for c in cells]
+        n_k = max(len(x) for x in kv)
+        kv = [np.concatenate([x, np.zeros((n_k - len(x), 3))]) for x in kv]
+        return [
+            p.replace(kvecs=jnp.asarray(k, dtype), shifts=jnp.asarray(sh, dtype), **common)
+            for p, k, sh in zip(params, kv, shifts, strict=True)
+        ]
+    grids = np.array([_pme_grid(c, alpha, k_cut, eps, order) for c in cells])
+    grid = tuple(int(g) for g in grids.max(axis=0))
+    mods = _pme_moduli(grid, order, dtype)
+    return [
+        p.replace(shifts=jnp.asarray(sh, dtype), grid=grid, bsp_moduli=mods, **common)
+        for p, sh in zip(params, shifts, strict=True)
+    ]
+
+
 def _choose(method: str, cell: np.ndarray, n_atoms: int, eps: float, sigma_max: float, order: int):
     vol = abs(float(np.linalg.det(cell)))
     a = (vol / max(n_atoms, 1)) ** (1.0 / 3.0)
     rho = n_atoms / vol
-    lengths = np.linalg.norm(cell, axis=1)
     best = None
     for alpha_a in np.geomspace(0.3, 12.0, 120):
         alpha = alpha_a / a
@@ -230,10 +315,7 @@ def _choose(method: str, cell: np.ndarray, n_atoms: int, eps: float, sigma_max: 
             cost = COST_PAIR * n_pairs + COST_K * n_atoms * n_k
             extra = {}
         else:
-            y = (eps / (2.0 * math.sqrt(2.0))) ** (1.0 / order)
-            h_interp = (2.0 * np.pi / (3.0 * alpha)) * y / (1.0 + y)
-            h = min(h_interp, np.pi / k_cut)
-            grid = tuple(_next_fast_len(max(int(math.ceil(L / h)), 2 * order)) for L in lengths)
+            grid = _pme_grid(cell, alpha, k_cut, eps, order)
             m = float(np.prod(grid))
             cost = (
                 COST_PAIR * n_pairs + COST_SPLINE * n_atoms * order**3 + COST_FFT * m * math.log2(m)
@@ -341,14 +423,9 @@ def prepare(
             kvecs=jnp.asarray(kv, dtype=dtype), bsp_moduli=(), method="ewald", **common
         )
     grid = extra["grid"]
-    mods = (
-        _bspline_moduli(grid[0], order),
-        _bspline_moduli(grid[1], order),
-        _bspline_moduli(grid[2], order)[: grid[2] // 2 + 1],
-    )
     return ElectrostaticsParams(
         kvecs=empty,
-        bsp_moduli=tuple(jnp.asarray(m, dtype=dtype) for m in mods),
+        bsp_moduli=_pme_moduli(grid, order, dtype),
         method="pme",
         grid=tuple(int(g) for g in grid),
         order=int(order),

@@ -3,13 +3,14 @@ energies (eV), forces (eV/Å), charges (e) and stresses (eV/Å³).
 
 Batches are padded (common atom and edge capacity over the data set; the last batch and
 the device split padded with masked dummy structures that contribute exactly nothing).
-Non-charge models: a batch is a stacked graph, sharded over the local devices
-(``jax.shard_map`` on the 1-D mesh of :mod:`celli_scale.distributed.data_parallel`;
-parameters replicated, gradients all-reduced) and evaluated by one compiled step.
-CELLI: electrostatics parameters (k-vectors, PME grids) differ in shape between cells,
-so a batch is a tuple of graphs evaluated one after another inside one jitted step
-(single device). Data order is a permutation drawn from ``(seed, epoch)``, so resuming
-from a checkpoint at any step continues exactly as an uninterrupted run.
+A batch is a stacked graph, sharded over the local devices (``jax.shard_map`` on the
+1-D mesh of :mod:`celli_scale.distributed.data_parallel`; parameters replicated,
+gradients all-reduced) and evaluated by one compiled step, CELLI included: its
+electrostatics shapes are made common over the data set
+(:meth:`~celli_scale.potential.Potential.batch_graphs`: one Ewald split, padded
+k-vectors, the largest PME grid). Data order is a permutation drawn from
+``(seed, epoch)``, so resuming from a checkpoint at any step continues exactly as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class TrainConfig:
       patience: epochs without a better validation loss before stopping (0: never).
       valid_fraction: validation share drawn by ``seed`` when no validation set is given.
       seed: data split, data order and parameter initialisation.
-      devices: devices for the data-parallel step (None: all local; CELLI uses 1).
+      devices: devices for the data-parallel step (None: all local).
       checkpoint_keep: checkpoints kept; checkpoint_every: steps between checkpoints
         (0: at the end of every epoch).
       progress: show a tqdm progress bar.
@@ -141,22 +142,15 @@ def _no_labels(lab: dict) -> dict:
 
 
 class Dataset:
-    """Padded graphs and labels of a list of frames (host arrays), built once."""
+    """Padded, stacked graphs and labels of a list of frames (host arrays)."""
 
-    def __init__(self, pot: Any, frames: Sequence[Any], n_pad: int, edge_capacity: int):
+    def __init__(self, frames: Sequence[Any], graphs: Sequence[Any], dtype: Any):
         self.frames = list(frames)
-        dtype = np.dtype(pot.config.jnp_dtype)
-        self.stacked = not pot.is_charge_model
-        graphs = [
-            pot.graph(f.system, n_atoms=n_pad, edge_capacity=edge_capacity) for f in self.frames
-        ]
-        if self.stacked:
-            if len({g.periodic for g in graphs}) > 1:
-                raise ValueError("a data set mixes periodic and open structures")
-            self.graphs = jax.tree_util.tree_map(lambda *x: np.stack(x), *graphs)
-        else:
-            self.graphs = graphs
-        self.labels = [labels_of(f, n_pad, dtype) for f in self.frames]
+        if len({g.periodic for g in graphs}) > 1:
+            raise ValueError("a data set mixes periodic and open structures")
+        self.graphs = jax.tree_util.tree_map(lambda *x: np.stack(x), *graphs)
+        n_pad = graphs[0].positions.shape[0]
+        self.labels = [labels_of(f, n_pad, np.dtype(dtype)) for f in self.frames]
         self.periodic = all(g.periodic for g in graphs)
 
     def __len__(self) -> int:
@@ -168,12 +162,8 @@ class Dataset:
         pad = [idx[0]] * (size - len(idx))
         labels = [self.labels[i] for i in idx] + [_no_labels(self.labels[i]) for i in pad]
         labels = {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
-        if self.stacked:
-            allidx = np.asarray(idx + pad)
-            graphs = jax.tree_util.tree_map(lambda x: x[allidx], self.graphs)
-        else:
-            graphs = tuple(self.graphs[i] for i in idx + pad)
-        return graphs, labels
+        allidx = np.asarray(idx + pad)
+        return jax.tree_util.tree_map(lambda x: x[allidx], self.graphs), labels
 
 
 def atomic_reference_energies(frames: Sequence[Any], species: Sequence[int]) -> np.ndarray:
@@ -227,19 +217,15 @@ def normalisers(labels: dict) -> dict[str, float]:
     return {k: float(max(v, 1)) for k, v in zip(TARGETS, (n_e, n_f, n_q, n_s), strict=True)}
 
 
-def batch_errors(model, params, graphs, labels, stress: bool, stacked: bool) -> dict:
-    """``{target: (sum_sq, sum_abs)}`` over the structures of a batch."""
+def batch_errors(model, params, graphs, labels, stress: bool) -> dict:
+    """``{target: (sum_sq, sum_abs)}`` over the structures of a stacked batch (one after
+    another, ``lax.map``, as :meth:`Potential.evaluate_batch`)."""
 
     def one(g, lab):  # stress only of periodic structures (else masked zeros)
         return squared_errors(predict(model, params, g, stress and g.periodic), lab)
 
-    if stacked:
-        per = jax.lax.map(lambda a: one(*a), (graphs, labels))
-        return jax.tree_util.tree_map(jnp.sum, per)
-    per = [
-        one(g, jax.tree_util.tree_map(lambda x, i=i: x[i], labels)) for i, g in enumerate(graphs)
-    ]
-    return jax.tree_util.tree_map(lambda *x: sum(x), *per)
+    per = jax.lax.map(lambda a: one(*a), (graphs, labels))
+    return jax.tree_util.tree_map(jnp.sum, per)
 
 
 def weighted_loss(errs: dict, norms: dict, w: LossWeights) -> jax.Array:
@@ -272,15 +258,13 @@ class ForceMatching:
             train = [train[i] for i in perm[n_v:]]
         if not train:
             raise ValueError("no training structures")
-        allf = train + list(valid)
-        n_pad = max(f.system.n_atoms for f in allf)
-        for f in allf:  # size the common edge capacity
-            pot.graph(f.system, n_atoms=n_pad)
-        cap = pot.capacities[0]
-        self.train = Dataset(pot, train, n_pad, cap)
-        self.valid = Dataset(pot, valid, n_pad, cap) if valid else None
-        self.stacked = self.train.stacked
-        self.devices = 1 if not self.stacked else (config.devices or jax.local_device_count())
+        valid = list(valid)
+        # one set of shapes for training and validation (one compiled step each)
+        graphs = pot.batch_graphs([f.system for f in train + valid])
+        dtype = pot.config.jnp_dtype
+        self.train = Dataset(train, graphs[: len(train)], dtype)
+        self.valid = Dataset(valid, graphs[len(train) :], dtype) if valid else None
+        self.devices = config.devices or jax.local_device_count()
         self.batch_size = -(-config.batch_size // self.devices) * self.devices
         self.steps_per_epoch = -(-len(self.train) // config.batch_size)
         self.stress = (
@@ -298,44 +282,30 @@ class ForceMatching:
 
     # -- compiled steps -----------------------------------------------------------------
     def _build_steps(self) -> None:
-        model, w, stress, stacked = self.pot.model, self.cfg.loss, self.stress, self.stacked
+        model, w, stress = self.pot.model, self.cfg.loss, self.stress
         opt = self.optimizer
 
         def loss_and_errs(params, graphs, labels, norms):
-            errs = batch_errors(model, params, graphs, labels, stress, stacked)
+            errs = batch_errors(model, params, graphs, labels, stress)
             return weighted_loss(errs, norms, w), errs
 
-        if stacked:
-            mesh = batch_mesh(self.devices)
-            self.sharding = NamedSharding(mesh, P(BATCH_AXIS))
-            self.replicated = NamedSharding(mesh, P())
+        mesh = batch_mesh(self.devices)
+        self.sharding = NamedSharding(mesh, P(BATCH_AXIS))
+        self.replicated = NamedSharding(mesh, P())
 
-            def local_grad(params, graphs, labels, norms):
-                (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
-                    params, graphs, labels, norms
-                )
-                return jax.lax.psum((loss, errs, g), BATCH_AXIS)
-
-            def local_eval(params, graphs, labels, norms):
-                return jax.lax.psum(loss_and_errs(params, graphs, labels, norms), BATCH_AXIS)
-
-            spec = (P(), P(BATCH_AXIS), P(BATCH_AXIS), P())
-            grad_fn = jax.shard_map(
-                local_grad, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False
+        def local_grad(params, graphs, labels, norms):
+            (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
+                params, graphs, labels, norms
             )
-            eval_fn = jax.shard_map(
-                local_eval, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False
-            )
-        else:
-            self.sharding = self.replicated = None
+            return jax.lax.psum((loss, errs, g), BATCH_AXIS)
 
-            def grad_fn(params, graphs, labels, norms):
-                (loss, errs), g = jax.value_and_grad(loss_and_errs, has_aux=True)(
-                    params, graphs, labels, norms
-                )
-                return loss, errs, g
+        def local_eval(params, graphs, labels, norms):
+            return jax.lax.psum(loss_and_errs(params, graphs, labels, norms), BATCH_AXIS)
 
-            eval_fn = loss_and_errs
+        spec = (P(), P(BATCH_AXIS), P(BATCH_AXIS), P())
+        kw = dict(mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False)
+        grad_fn = jax.shard_map(local_grad, **kw)
+        eval_fn = jax.shard_map(local_eval, **kw)
 
         def step(params, opt_state, graphs, labels, norms):
             loss, errs, g = grad_fn(params, graphs, labels, norms)
@@ -352,9 +322,8 @@ class ForceMatching:
     def device_batch(self, ds: Dataset, idx: Sequence[int]) -> tuple[Any, dict, dict]:
         graphs, labels = ds.batch(idx, self.batch_size)
         norms = normalisers(labels)
-        if self.sharding is not None:
-            graphs = jax.device_put(graphs, self.sharding)
-            labels = jax.device_put(labels, self.sharding)
+        graphs = jax.device_put(graphs, self.sharding)
+        labels = jax.device_put(labels, self.sharding)
         return graphs, labels, norms
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -414,8 +383,7 @@ class ForceMatching:
             if restored is not None:
                 state = restored
                 log.info("resumed from step %d", int(state["step"]))
-        if self.replicated is not None:  # parameters and optimizer state replicated
-            state = jax.device_put(state, self.replicated)
+        state = jax.device_put(state, self.replicated)  # parameters, optimizer replicated
         spe = self.steps_per_epoch
         every = cfg.checkpoint_every or spe
         t0 = time.monotonic()
