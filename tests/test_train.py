@@ -14,7 +14,7 @@ from celli_scale.datasets import rocksalt
 from celli_scale.io import Frame, write
 from celli_scale.testing import small_allegro_config, small_celli_config
 from celli_scale.train import ForceMatching, TrainConfig
-from celli_scale.train.checkpoint import Checkpoints
+from celli_scale.train.checkpoint import BestCheckpoint, Checkpoints
 from celli_scale.train.cli import parse_config
 
 CFG = small_allegro_config(l_max=1)
@@ -59,6 +59,11 @@ def test_training_lowers_validation_loss_and_resume_is_exact(frames, tmp_path):
     loss1, _ = fm.validate(full["params"])
     assert loss1 < 0.5 * loss0
     assert (tmp_path / "a" / "metrics.csv").read_text().count("\n") == 1 + 3
+    # the best parameters are kept apart from the last steps (orbax best_fn manager)
+    best_step, best = BestCheckpoint(tmp_path / "a" / "best").restore(full["params"])
+    losses = [r["valid_loss"] for r in fm.history]
+    assert best_step == fm.history[int(np.argmin(losses))]["step"]
+    assert max_diff(best, full["best_params"]) == 0.0
 
     # resume from step 3 (mid-epoch 2: data order from (seed, epoch)) -> same parameters
     steps = fm.steps_per_epoch * 3

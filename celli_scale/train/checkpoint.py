@@ -4,7 +4,8 @@ The state is a plain pytree (``params``, ``opt_state``, ``step``, early-stopping
 the best parameters so far); :class:`Checkpoints` keeps the last ``keep`` steps
 (``orbax.checkpoint.CheckpointManager``). Restoring tries the newest step first; a step
 that cannot be read (a file truncated or removed mid-write) is skipped with a warning and
-the previous one is used.
+the previous one is used. :class:`BestCheckpoint` keeps, beside them, the parameters with
+the lowest validation loss (a second manager, ``best_fn`` on the loss, one kept).
 """
 
 from __future__ import annotations
@@ -52,6 +53,47 @@ class Checkpoints:
                 warnings.warn(msg, UserWarning, stacklevel=2)
                 log.warning(msg)
         return None
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class BestCheckpoint:
+    """The parameters with the lowest validation loss so far, under ``directory``
+    (orbax ``CheckpointManager`` with ``best_fn``; only the best step is kept).
+    ``save(step, params, valid_loss)``, ``restore(target) -> (step, params) | None``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                best_fn=lambda m: m["valid_loss"],
+                best_mode="min",
+                keep_checkpoints_without_metrics=False,
+                create=True,
+            ),
+        )
+
+    def save(self, step: int, params: Any, valid_loss: float) -> None:
+        if int(step) in self.manager.all_steps():
+            return
+        self.manager.save(
+            int(step),
+            args=ocp.args.StandardSave(params),
+            metrics={"valid_loss": float(valid_loss)},
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any) -> tuple[int, Any] | None:
+        self.manager.reload()
+        step = self.manager.best_step()
+        if step is None:
+            return None
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
         self.manager.close()

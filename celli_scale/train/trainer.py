@@ -366,11 +366,12 @@ class ForceMatching:
     def fit(self, out: str | Path | None = None, state: dict | None = None) -> dict:
         """Train until ``max_epochs``, ``max_minutes`` or early stopping; returns the final
         state (``state["best_params"]``: the parameters with the best validation loss).
-        With ``out``: checkpoints in ``out/checkpoints`` (resumed from when present) and
+        With ``out``: checkpoints of the last steps in ``out/checkpoints`` (resumed from
+        when present), the best parameters in ``out/best`` (:class:`BestCheckpoint`) and
         ``out/metrics.csv``."""
         from tqdm.auto import tqdm
 
-        from celli_scale.train.checkpoint import Checkpoints
+        from celli_scale.train.checkpoint import BestCheckpoint, Checkpoints
 
         cfg = self.cfg
         state = self.init_state() if state is None else state
@@ -379,6 +380,7 @@ class ForceMatching:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint_keep)
+            self._best_ckpt = BestCheckpoint(out / "best")
             restored = ckpt.restore(state)
             if restored is not None:
                 state = restored
@@ -419,6 +421,7 @@ class ForceMatching:
         if ckpt is not None:
             ckpt.save(step, state)
             ckpt.close()
+            self._best_ckpt.close()
         if not np.isfinite(float(state["best_loss"])):
             state["best_params"] = state["params"]
         return state
@@ -431,6 +434,8 @@ class ForceMatching:
             state["best_loss"] = jnp.asarray(vloss, state["best_loss"].dtype)
             state["best_params"] = state["params"]
             state["bad_epochs"] = jnp.asarray(0, jnp.int32)
+            if out is not None:
+                self._best_ckpt.save(int(state["step"]), state["params"], vloss)
         else:
             state["bad_epochs"] = state["bad_epochs"] + 1
         row = {"epoch": epoch + 1, "step": int(state["step"]), "valid_loss": vloss}
