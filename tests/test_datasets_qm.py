@@ -31,8 +31,8 @@ DECLARED = [
     ("nacl-cluster", None, [("Na8Cl8", 0.0, 16, False), ("Na9Cl8", 1.0, 17, False)]),
     ("ag3", None, [("Ag3", 1.0, 3, False), ("Ag3", -1.0, 3, False)]),
     ("au2-mgo", None, [("Au2Mg8O8", 0.0, 18, True), ("AlAu2Mg7O8", 0.0, 18, True)]),
-    ("nacl-bulk", None, [("Na32Cl32", 0.0, 64, True), ("Na32Cl32", 0.0, 64, True)]),
-    ("nacl-bulk", 3, [("Na108Cl108", 0.0, 216, True), ("Na108Cl108", 0.0, 216, True)]),
+    ("nacl-bulk", None, [("Na32Cl32", 0.0, 64, True), ("Na32Cl31", 1.0, 63, True)]),
+    ("nacl-bulk", 3, [("Na108Cl108", 0.0, 216, True), ("Na108Cl107", 1.0, 215, True)]),
     ("carbon-chain", 6, [("C6H2", 0.0, 8, False), ("C6H3", 1.0, 9, False)]),
 ]
 

@@ -11,7 +11,7 @@ name                charge states (formula, total charge)           ``size`` (de
 ``nacl-cluster``    Na8Cl8 (0), Na9Cl8 (+1)                          2m×2×2 block, m (2)
 ``ag3``             Ag3 (+1), Ag3 (−1), same geometries              none
 ``au2-mgo``         Au2 on MgO(001), Au2 on Al-doped MgO(001) (0)    n×n surface cells (2)
-``nacl-bulk``       NaCl rock salt (0)                               k×k×k cubic cells (2)
+``nacl-bulk``       NaCl rock salt (0), with a Cl vacancy (+1)       k×k×k cubic cells (2)
 ==================  =============================================  ======================
 
 Geometries: polyyne-like chains (C–C 1.28 Å, C–H 1.06 Å; the cation's extra H on a terminal
@@ -19,7 +19,9 @@ carbon, which becomes a CH2 group), rock-salt fragments (Na–Cl 2.75 Å; the ca
 the lattice by one Na), Ag3 from equilateral to linear (Ag–Ag 2.45–2.95 Å, angle 60–180°),
 an Au2 dimer standing (tilted up to 30°) on an O site of a two-layer MgO(001) slab (a = 4.21 Å,
 10 Å vacuum, fully periodic) with the Mg under that O replaced by Al in the doped variant,
-and NaCl rock salt (a = 5.64 Å). Every structure gets thermal displacements: a Gaussian of
+and NaCl rock salt (a = 5.64 Å; the charged state has one Cl removed at random, a closed-shell
+vacancy with total charge +1, which our Ewald/PME sums compensate by a uniform background).
+Every structure gets thermal displacements: a Gaussian of
 variance ``k_B T / k`` per coordinate (classical equipartition for a spring constant ``k``,
 so the same for every mass) at ``T`` drawn uniformly from ``temperature`` (K); clusters are
 scaled by up to ±``strain`` about their centre and turned at random, crystals strained by a
@@ -69,7 +71,7 @@ from celli_scale.units import BOHR, HARTREE, HARTREE_PER_BOHR, KB
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a generator changes the structures it draws (part of the cache key).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Environment variable that overrides :func:`default_cache_dir`.
 CACHE_ENV = "CELLI_DATA_CACHE"
 
@@ -216,7 +218,10 @@ def _nacl_bulk(rng: np.random.Generator, k: int, state: int):
     shifts = np.stack(np.meshgrid(*[np.arange(k)] * 3, indexing="ij"), -1).reshape(-1, 3)
     pos = np.concatenate([(frac + s) * a for s in shifts])
     z = np.tile([11] * 4 + [17] * 4, len(shifts))
-    return pos, z, np.eye(3) * a * k, 0.0
+    if state == 1:  # a Cl vacancy, total charge +1 (closed shell: the F-centre's electron gone)
+        keep = np.arange(len(z)) != rng.choice(np.flatnonzero(z == 17))
+        pos, z = pos[keep], z[keep]
+    return pos, z, np.eye(3) * a * k, float(state)
 
 
 RECIPES: dict[str, _Recipe] = {
@@ -235,7 +240,7 @@ RECIPES: dict[str, _Recipe] = {
         settings=XTBSettings(annealing_start=3000.0),
         max_redraws=5,
     ),
-    "nacl-bulk": _Recipe(("neutral",), _nacl_bulk, 2, spring=3.0, strain=0.01),
+    "nacl-bulk": _Recipe(("neutral", "Cl-vacancy+"), _nacl_bulk, 2, spring=3.0, strain=0.01),
 }
 #: Names of the data sets :func:`make` builds.
 SYSTEMS: tuple[str, ...] = tuple(RECIPES)
