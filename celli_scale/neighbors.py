@@ -178,6 +178,33 @@ def edge_vectors(positions: jax.Array, cell: jax.Array | None, nl: NeighborList)
     return vec
 
 
+def compact(
+    nl: NeighborList, positions: jax.Array, cell: jax.Array | None, r_cut: float, capacity: int
+) -> NeighborList:
+    """The pairs of a Verlet list ``nl`` (built to ``r_cut`` + skin) that lie within
+    ``r_cut`` now, packed into ``capacity`` slots (jit-able; ``capacity`` static).
+
+    Their order is kept, so the result equals a fresh list up to the order of pairs.
+    ``n_pairs`` counts the pairs within ``r_cut``: when it exceeds ``capacity`` the
+    result's ``did_buffer_overflow`` is True and the caller must redo the step with a
+    larger capacity (nothing is silently dropped). No gradient flows through the
+    selection (the pair vectors are recomputed from the inputs by the model).
+    """
+    vec = jax.lax.stop_gradient(edge_vectors(positions, cell, nl))
+    inside = nl.mask & (jnp.sum(vec * vec, axis=-1) < float(r_cut) ** 2)
+    n_pairs = jnp.sum(inside, dtype=jnp.int32)
+    (idx,) = jnp.nonzero(inside, size=int(capacity), fill_value=0)
+    valid = jnp.arange(int(capacity)) < n_pairs
+    return NeighborList(
+        senders=jnp.where(valid, nl.senders[idx], 0),
+        receivers=jnp.where(valid, nl.receivers[idx], 0),
+        shifts=jnp.where(valid[:, None], nl.shifts[idx], 0),
+        mask=valid,
+        n_pairs=n_pairs,
+        r_cut=float(r_cut),
+    )
+
+
 def neighbor_list_fn(
     r_cut: float,
     capacity: int,

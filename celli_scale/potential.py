@@ -11,6 +11,7 @@ Units: energy eV, forces eV/Å, stress eV/Å³ (ASE's sign convention), charges 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from flax import struct
 
 from celli_scale import models as models_mod
 from celli_scale.models import Graph, ModelConfig, ModelOutput
-from celli_scale.neighbors import neighbor_list
+from celli_scale.neighbors import NeighborList, compact, neighbor_list
 from celli_scale.strain import energy_forces_stress
 from celli_scale.system import Batch, System
 
@@ -36,6 +37,9 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 #: File listing the sha256 of ``config.json`` and of every file under ``params/``.
 MANIFEST_FILE = "manifest.json"
+#: Default Verlet skin (Å) of ``pot(system)``'s neighbor lists: lists are rebuilt on the host
+#: only once an atom has moved half of it (about 50 MD steps of 0.01 Å).
+DEFAULT_SKIN = 1.0
 #: Version tag of the saved-potential layout, stored in the manifest.
 SAVE_FORMAT = "celli_scale.potential/1"
 
@@ -106,6 +110,32 @@ def energy_and_derivatives(
     return energy, forces, virial, out
 
 
+def compact_graph(graph: Graph, r_cut: float, caps: tuple) -> tuple[Graph, jax.Array]:
+    """``graph`` with its Verlet lists (model edges; electrostatics pairs of a periodic
+    charge model) packed to the pairs within ``r_cut`` and the electrostatics cut-off,
+    in ``caps`` slots (:func:`celli_scale.neighbors.compact`); and the pair counts, which
+    the caller compares with ``caps`` (overflow: redo with more). Jit-able."""
+    cell = graph.cell
+    edges = NeighborList(
+        senders=graph.senders,
+        receivers=graph.receivers,
+        shifts=graph.shifts,
+        mask=graph.edge_mask,
+        n_pairs=jnp.zeros((), jnp.int32),
+        r_cut=float(r_cut),
+    )
+    c = compact(edges, graph.positions, cell, r_cut, caps[0])
+    graph = graph.replace(
+        senders=c.senders, receivers=c.receivers, shifts=c.shifts, edge_mask=c.mask
+    )
+    counts = [c.n_pairs]
+    if graph.elec_neighbors is not None:
+        e = compact(graph.elec_neighbors, graph.positions, cell, graph.elec_params.r_cut, caps[1])
+        graph = graph.replace(elec_neighbors=e)
+        counts.append(e.n_pairs)
+    return graph, jnp.stack(counts)
+
+
 class Potential:
     """A model plus its parameters: ``pot(system) -> PotentialOutput``.
 
@@ -120,11 +150,21 @@ class Potential:
       >>> out = pot(system); out.energy, out.forces
     """
 
-    def __init__(self, model, params, *, capacity_growth: float = 1.2) -> None:
+    def __init__(
+        self, model, params, *, capacity_growth: float = 1.2, skin: float = DEFAULT_SKIN
+    ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
         self.params = params
         self.capacity_growth = float(capacity_growth)
+        skin = float(skin)
+        if not (np.isfinite(skin) and skin >= 0):
+            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        self.skin = skin
+        self._verlet: _VerletState | None = None
+        #: Counters of ``pot(system)`` calls: ``calls``, ``rebuilds`` (host neighbor-list
+        #: builds), ``overflows`` (compaction capacity grown and the call redone).
+        self.stats = {"calls": 0, "rebuilds": 0, "overflows": 0}
         self._zmap = np.full(119, -1, dtype=np.int32)
         self._zmap[np.asarray(self.config.species)] = np.arange(self.config.n_species)
         self._edge_capacity = 0
@@ -143,6 +183,16 @@ class Potential:
         #: ``evaluate_batch(params, graphs, stress=False)`` over a stacked graph
         #: (:meth:`batch_graph`), structure by structure.
         self.evaluate_batch = jax.jit(batched, static_argnames=("stress",))
+
+        def verlet(p, graph, caps, stress=False):
+            graph, counts = compact_graph(graph, self.config.r_cut, caps)
+            return (*efs(p, graph, stress=stress), counts)
+
+        #: ``evaluate_verlet(params, graph, caps, stress=False) -> (energy, forces, stress,
+        #: ModelOutput, pair counts)``: the kernel of ``pot(system)``. ``graph`` holds
+        #: Verlet lists (cut-offs + :attr:`skin`), packed inside the call to the pairs
+        #: within the cut-offs (``caps``: model edges, electrostatics pairs; static).
+        self.evaluate_verlet = jax.jit(verlet, static_argnames=("caps", "stress"))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -282,9 +332,7 @@ class Potential:
         """Host-side graph of a concrete ``system``, optionally padded to ``n_atoms`` atoms
         and ``edge_capacity`` edges; charge models take ``elec_params`` (e.g. unified over
         a batch) instead of preparing their own."""
-        dtype = self.config.jnp_dtype
-        n = system.n_atoms
-        n_pad = n if n_atoms is None else int(n_atoms)
+        n_pad = system.n_atoms if n_atoms is None else int(n_atoms)
         nl = neighbor_list(
             system,
             self.config.r_cut,
@@ -292,6 +340,17 @@ class Potential:
             growth=self.capacity_growth,
         )
         self._edge_capacity = max(self._edge_capacity, nl.capacity)
+        elec_nl = None
+        if self.is_charge_model:
+            if elec_params is None:
+                elec_params = self._elec_params(system)
+            elec_nl = self._elec_neighbors(system, elec_params)
+        return self._assemble(system, n_pad, nl, elec_params, elec_nl)
+
+    def _assemble(self, system: System, n_pad: int, nl, elec_params, elec_nl) -> Graph:
+        """The padded :class:`Graph` of ``system`` with the given lists and parameters."""
+        dtype = self.config.jnp_dtype
+        n = system.n_atoms
         pos = np.zeros((n_pad, 3))
         pos[:n] = np.asarray(system.positions)
         spc = np.zeros(n_pad, dtype=np.int32)
@@ -299,13 +358,9 @@ class Potential:
         mask = np.zeros(n_pad, dtype=bool)
         mask[:n] = True
         cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, dtype=float)
-        elec_nl = None
-        if self.is_charge_model:
-            if elec_params is None:
-                elec_params = self._elec_params(system)
+        if elec_params is not None:
             # the arrays are padded to n_pad atoms: say so (graphs of one padded size stack)
             elec_params = elec_params.replace(n_atoms=n_pad)
-            elec_nl = self._elec_neighbors(system, elec_params)
         return Graph(
             positions=jnp.asarray(pos, dtype=dtype),
             species=jnp.asarray(spc),
@@ -354,8 +409,67 @@ class Potential:
         return self._single(system)
 
     def _single(self, system: System, n_pad: int | None = None) -> PotentialOutput:
+        if n_pad is None and self.skin > 0:
+            return self._verlet_call(system)
         graph = self.graph(system, n_atoms=n_pad)
         return self._output(*self.evaluate(self.params, graph, stress=_has_volume(system)))
+
+    def _verlet_call(self, system: System) -> PotentialOutput:
+        """``pot(system)`` on Verlet lists kept between calls: the host work of a call is a
+        displacement check and copying the positions while no atom has moved more than
+        half the skin since the lists were built (same atoms, species and cell); then the
+        lists are rebuilt, keeping the electrostatics parameters while the cell is the
+        same. Pairs are packed to the cut-offs inside the compiled call; when more exist
+        than its capacity holds, the capacity grows and the call is redone."""
+        self.stats["calls"] += 1
+        pos = np.asarray(system.positions, dtype=float)
+        st = self._verlet
+        key = _structure_key(system)
+        if (
+            st is None
+            or st.key != key
+            or np.max(np.sum((pos - st.reference) ** 2, axis=1), initial=0.0)
+            >= (0.5 * self.skin) ** 2
+        ):
+            st = self._verlet = self._build_verlet(system, key, st)
+            self.stats["rebuilds"] += 1
+        dtype = self.config.jnp_dtype
+        graph = st.graph.replace(
+            positions=jnp.asarray(pos, dtype=dtype),
+            total_charge=jnp.asarray(float(system.total_charge), dtype=dtype),
+        )
+        stress = _has_volume(system)
+        while True:
+            *res, counts = self.evaluate_verlet(self.params, graph, caps=st.caps, stress=stress)
+            counts = tuple(int(c) for c in np.asarray(counts))
+            if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
+                return self._output(*res)
+            self.stats["overflows"] += 1
+            st.caps = tuple(
+                max(cap, int(np.ceil(c * self.capacity_growth)))
+                for c, cap in zip(counts, st.caps, strict=True)
+            )
+
+    def _build_verlet(self, system: System, key: tuple, old: _VerletState | None):
+        skin = self.skin
+        nl = neighbor_list(system, self.config.r_cut + skin, growth=self.capacity_growth)
+        elec_params = elec_nl = None
+        counts = [_pairs_within(system, nl, self.config.r_cut)]
+        if self.is_charge_model:
+            if old is not None and old.key[3] == key[3] and old.key[0] == key[0]:
+                elec_params = old.graph.elec_params  # same cell and atom count
+            else:
+                elec_params = self._elec_params(system)
+            if elec_params.periodic:
+                elec_nl = neighbor_list(
+                    system, elec_params.r_cut + skin, growth=self.capacity_growth
+                )
+                counts.append(_pairs_within(system, elec_nl, elec_params.r_cut))
+        caps = tuple(max(int(np.ceil(c * self.capacity_growth)), 1) for c in counts)
+        if old is not None and len(old.caps) == len(caps):
+            caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
+        graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
+        return _VerletState(key, np.asarray(system.positions, dtype=float), graph, caps)
 
     def _call_batch(self, batch: Batch) -> PotentialOutput:
         systems = list(batch)
@@ -526,6 +640,34 @@ def _verify_manifest(path: Path) -> None:
                 f"{path / name}: changed since the potential was saved (sha256 differs "
                 f"from {MANIFEST_FILE})"
             )
+
+
+@dataclasses.dataclass
+class _VerletState:
+    """What ``pot(system)`` keeps between calls: the structure key (atom count, species,
+    pbc, cell), the positions the lists were built at, the graph holding the Verlet lists
+    (and the electrostatics parameters) and the packed capacities."""
+
+    key: tuple
+    reference: np.ndarray
+    graph: Graph
+    caps: tuple
+
+
+def _structure_key(system: System) -> tuple:
+    cell = None if system.cell is None else np.asarray(system.cell, dtype=float).tobytes()
+    return (system.n_atoms, np.asarray(system.species).tobytes(), tuple(system.pbc), cell)
+
+
+def _pairs_within(system: System, nl, r_cut: float) -> int:
+    """How many pairs of the host list ``nl`` lie within ``r_cut`` (host)."""
+    pos = np.asarray(system.positions, dtype=float)
+    m = np.asarray(nl.mask)
+    i, j = np.asarray(nl.senders)[m], np.asarray(nl.receivers)[m]
+    vec = pos[j] - pos[i]
+    if system.cell is not None:
+        vec = vec + np.asarray(nl.shifts, dtype=float)[m] @ np.asarray(system.cell, dtype=float)
+    return int(np.sum(np.sum(vec * vec, axis=1) < r_cut**2))
 
 
 def _has_volume(system: System) -> bool:

@@ -1,0 +1,136 @@
+"""``pot(system)`` keeps Verlet lists between calls: the results equal a fresh exact
+graph's at every call, the host rebuilds only when an atom moved half the skin (or the
+atoms or cell changed), and a pair-count overflow grows the capacity and redoes the call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import celli_scale as cs
+from celli_scale.datasets import rocksalt
+from celli_scale.neighbors import neighbor_list
+from celli_scale.testing import relative_error, small_allegro_config, small_celli_config
+
+CONFIGS = {
+    "allegro": small_allegro_config(l_max=1),
+    "celli-ewald": small_celli_config(elec_method="ewald"),
+    "celli-open": small_celli_config(),
+}
+
+
+def exact(pot, s):
+    """Energy, forces, stress, charges from a fresh graph with exact (r_cut) lists."""
+    g = pot.graph(s)
+    e, f, st, out = pot.evaluate(pot.params, g, stress=s.periodic)
+    return float(e), np.asarray(f), st, out.charges
+
+
+def structure(name: str, seed: int = 1) -> cs.System:
+    s = rocksalt(2, rattle=0.1, seed=seed)
+    if name == "celli-open":
+        return cs.System(s.positions, s.species, total_charge=1.0)
+    return s
+
+
+def assert_same(pot, s) -> None:
+    o = pot(s)
+    e, f, st, q = exact(pot, s)
+    assert abs(float(o.energy) - e) < 1e-10 * max(1.0, abs(e))
+    assert relative_error(o.forces, f) < 1e-10
+    if st is not None:
+        assert relative_error(o.stress, st) < 1e-10
+    if q is not None:
+        np.testing.assert_allclose(o.charges, q, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_moving_atoms_match_fresh_lists_and_rebuild_rarely(name):
+    s = structure(name)
+    pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=s, skin=0.6)
+    rng = np.random.default_rng(0)
+    pos = np.asarray(s.positions)
+    for _ in range(12):
+        pos = pos + rng.normal(0, 0.04, pos.shape)
+        assert_same(pot, s.replace(positions=pos))
+    assert pot.stats["calls"] == 12
+    # 0.04 Å per coordinate per call, half the skin 0.3 Å: a rebuild every few calls, not each
+    assert 1 < pot.stats["rebuilds"] < 12
+
+
+def test_rebuild_rules():
+    """Same atoms and cell, small moves: no rebuild; a move of half the skin, another
+    cell, other species or an atom wrapped across the boundary: a rebuild."""
+    s = structure("allegro")
+    pot = cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=s, skin=1.0)
+    pot(s)
+    assert pot.stats["rebuilds"] == 1
+    pos = np.asarray(s.positions).copy()
+    pos[3] += [0.2, 0.2, 0.2]  # 0.35 Å < 0.5
+    assert_same(pot, s.replace(positions=pos))
+    assert pot.stats["rebuilds"] == 1
+    pos[3] += [0.3, 0.0, 0.0]  # 0.57 Å from the build
+    assert_same(pot, s.replace(positions=pos))
+    assert pot.stats["rebuilds"] == 2
+    cell = np.asarray(s.cell) * 1.01
+    strained = cs.System(pos * 1.01, s.species, cell=cell, pbc=True)
+    assert_same(pot, strained)
+    assert pot.stats["rebuilds"] == 3
+    z = np.asarray(s.species).copy()
+    z[[0, 4]] = z[[4, 0]]
+    assert_same(pot, cs.System(pos * 1.01, z, cell=cell, pbc=True))
+    assert pot.stats["rebuilds"] == 4
+    wrapped = pos * 1.01
+    wrapped[5] += cell[0]  # the same structure, one atom's periodic image
+    assert_same(pot, cs.System(wrapped, z, cell=cell, pbc=True))
+    assert pot.stats["rebuilds"] == 5
+
+
+def pulled_in(s: cs.System, r_cut: float, skin: float) -> np.ndarray:
+    """Positions with one atom moved (< skin/2) so that a pair just outside ``r_cut``
+    comes inside and the number of pairs within ``r_cut`` grows."""
+    from celli_scale.potential import _pairs_within
+
+    nl = neighbor_list(s, r_cut + skin)
+    base = _pairs_within(s, nl, r_cut)
+    pos = np.asarray(s.positions)
+    m = np.asarray(nl.mask)
+    i, j = np.asarray(nl.senders)[m], np.asarray(nl.receivers)[m]
+    vec = pos[j] - pos[i]
+    if s.cell is not None:
+        vec = vec + np.asarray(nl.shifts)[m] @ np.asarray(s.cell)
+    d = np.linalg.norm(vec, axis=1)
+    for k in np.argsort(np.where(d > r_cut, d, np.inf)):
+        step = d[k] - r_cut + 0.02
+        if not (0 < step < 0.5 * skin):
+            break
+        new = pos.copy()
+        new[j[k]] -= step * vec[k] / d[k]
+        if _pairs_within(s.replace(positions=new), nl, r_cut) > base:
+            return new
+    raise AssertionError("no pair to pull in")
+
+
+@pytest.mark.parametrize("name", ["allegro", "celli-open"])
+def test_overflow_grows_capacity_and_redoes_the_call(name):
+    """Exact capacities (growth 1.0), then a pair just outside the cut-off pulled inside
+    (less than half the skin, so no rebuild): more pairs than slots. The call is redone
+    with more, and the result is still the exact one."""
+    s = structure(name)
+    skin = 1.2
+    pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=s, skin=skin, capacity_growth=1.0)
+    pot(s)
+    caps = pot._verlet.caps
+    assert_same(pot, s.replace(positions=pulled_in(s, pot.config.r_cut, skin)))
+    assert pot.stats["rebuilds"] == 1
+    assert pot.stats["overflows"] == 1
+    assert pot._verlet.caps[0] > caps[0]
+
+
+def test_skin_zero_and_bad_skin():
+    s = structure("allegro")
+    pot = cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=s, skin=0.0)
+    assert_same(pot, s)
+    assert pot.stats["calls"] == 0  # the plain path, a fresh graph each call
+    with pytest.raises(ValueError, match="skin"):
+        cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=s, skin=-1.0)
