@@ -137,6 +137,15 @@ CELLI_BIG_GRID = 6 if QUICK else 32
 CELLI_BIG_CHUNKS = 2 if QUICK else 8
 CELLI_BIG_METHOD = "pme"
 
+#: The user's path (``bench_user_path.py``, issue 20): ``pot(system)`` in float32 on the
+#: USER_GRID_N³ NaCl grid, two call patterns: "md" (every atom moved by USER_MD_STEP Å per
+#: call, a fresh random direction each call, as an MD step) and "fresh" (a new structure each
+#: call: sites displaced uniformly up to USER_FRESH_DISPLACEMENT Å per axis, same cell).
+USER_GRID_N: tuple[int, ...] = (3,) if QUICK else (10, 16)  # 1000 / 4096 atoms
+USER_MD_STEP = 0.01
+USER_FRESH_DISPLACEMENT = 0.25  # per axis: up to 0.43 Å per site
+USER_CALLS = 4 if QUICK else 12  # prepared structures cycled through by the timed calls
+
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
 
@@ -202,6 +211,10 @@ __all__ = [
     "SHARDED_STRONG_N",
     "SHARDED_WEAK_M",
     "TIMEOUT_S",
+    "USER_CALLS",
+    "USER_FRESH_DISPLACEMENT",
+    "USER_GRID_N",
+    "USER_MD_STEP",
     "TRAIN_BATCH",
     "TRAIN_DTYPES",
     "TRAIN_FORCE_WEIGHT",

@@ -1,0 +1,109 @@
+"""The user's path: ``pot(system)`` as a user (an MD loop, the ASE calculator) calls it.
+
+Allegro, CELLI, NequIP and MACE at the matched hyper-parameters of
+:data:`bench._common.HYPERPARAMS`, float32, on the USER_GRID_N³ NaCl grid (spacing 2.2 Å),
+one device. Two call patterns (:data:`bench._common.USER_MD_STEP`,
+:data:`~bench._common.USER_FRESH_DISPLACEMENT`):
+
+* ``md``: every call moves every atom by 0.01 Å (a fresh random direction each call), so
+  the Verlet lists of :class:`celli_scale.Potential` are reused and the host only checks
+  displacements (a rebuild every ~50 calls with the default 1 Å skin);
+* ``fresh``: every call is a new structure in the same cell (sites displaced up to
+  0.43 Å): lists rebuilt on the host each call, electrostatics parameters kept.
+
+``time_call`` times one public call (host work + compiled kernel + the output's transfer),
+warm; ``track_call_over_kernel`` is call / kernel, the kernel (``pot.evaluate``) timed on a
+prepared graph with exact lists (min of the calls and of 3 kernel runs; goal ≤ 1.05 for
+``md``: host work ≤ 5 % of the compiled evaluation, issue 20).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from bench._common import (
+    MODELS,
+    TIMEOUT_S,
+    USER_CALLS,
+    USER_FRESH_DISPLACEMENT,
+    USER_GRID_N,
+    USER_MD_STEP,
+    build_potential,
+    config_for,
+    nacl_grid,
+)
+
+PATTERNS = ("md", "fresh")
+
+
+def structures(grid_n: int, pattern: str, calls: int):
+    """The systems a benchmark cycles through (seeded)."""
+    base = nacl_grid(grid_n, rattle=0.05, seed=0)
+    rng = np.random.default_rng(1)
+    pos = np.asarray(base.positions)
+    out = []
+    for _ in range(calls):
+        if pattern == "md":
+            step = rng.normal(size=pos.shape)
+            pos = pos + USER_MD_STEP * step / np.linalg.norm(step, axis=1, keepdims=True)
+            out.append(base.replace(positions=pos))
+        else:
+            d = rng.uniform(-USER_FRESH_DISPLACEMENT, USER_FRESH_DISPLACEMENT, pos.shape)
+            out.append(base.replace(positions=np.asarray(base.positions) + d))
+    return out
+
+
+def call_seconds(pot, systems) -> list[float]:
+    """Seconds of each ``pot(system)`` call over ``systems`` (result on the host)."""
+    times = []
+    for s in systems:
+        t0 = time.perf_counter()
+        out = pot(s)
+        np.asarray(out.energy), np.asarray(out.forces)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class PotentialCall:
+    """``pot(system)`` per model, grid and call pattern, float32."""
+
+    params = (list(MODELS), list(USER_GRID_N), list(PATTERNS))
+    param_names = ("model", "grid_n", "pattern")
+    timeout = TIMEOUT_S
+    number = 1
+    repeat = (1, 5, 120.0)
+    warmup_time = 0.0
+
+    def setup(self, model: str, grid_n: int, pattern: str) -> None:
+        self.pot = build_potential(config_for(model, "float32"))
+        self.systems = structures(grid_n, pattern, USER_CALLS)
+        call_seconds(self.pot, self.systems)  # compile; lists and capacities settle
+        self.k = 0
+
+    def time_call(self, model: str, grid_n: int, pattern: str) -> None:
+        s = self.systems[self.k % len(self.systems)]
+        self.k += 1
+        out = self.pot(s)
+        np.asarray(out.energy), np.asarray(out.forces)
+
+    def track_call_over_kernel(self, model: str, grid_n: int, pattern: str) -> float:
+        """Public call / compiled kernel on exact lists, min over the calls of each."""
+        calls = min(call_seconds(self.pot, self.systems))
+        g = self.pot.graph(self.systems[-1])
+        jax.block_until_ready(self.pot.evaluate(self.pot.params, g))
+        kernel = min(
+            _timed(lambda: jax.block_until_ready(self.pot.evaluate(self.pot.params, g)))
+            for _ in range(3)
+        )
+        return calls / kernel
+
+    track_call_over_kernel.unit = "ratio"  # type: ignore[attr-defined]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
