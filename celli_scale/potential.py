@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -162,6 +163,13 @@ class Potential:
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
         self.skin = skin
         self._verlet: _VerletState | None = None
+        #: Bytes one ``pot(system)`` call may use (None: 85 % of the memory available,
+        #: :func:`celli_scale.memory.available_memory_bytes`). A structure whose compiled
+        #: program needs more is evaluated in chunks (sub-bricks of the domain
+        #: decomposition, :class:`celli_scale.distributed.ShardedPotential` on one device).
+        self.max_bytes: int | None = None
+        self._kernels: dict[tuple, tuple[Any, int]] = {}
+        self._chunked: tuple[tuple, Any] | None = None
         #: Counters of ``pot(system)`` calls: ``calls``, ``rebuilds`` (host neighbor-list
         #: builds), ``overflows`` (compaction capacity grown and the call redone).
         self.stats = {"calls": 0, "rebuilds": 0, "overflows": 0}
@@ -425,6 +433,8 @@ class Potential:
         pos = np.asarray(system.positions, dtype=float)
         st = self._verlet
         key = _structure_key(system)
+        if self._chunked is not None and self._chunked[0] == key:
+            return self._chunked[1](system)  # too large for one pass: its decomposition
         if (
             st is None
             or st.key != key
@@ -440,7 +450,10 @@ class Potential:
         )
         stress = _has_volume(system)
         while True:
-            *res, counts = self.evaluate_verlet(self.params, graph, caps=st.caps, stress=stress)
+            kernel = self._kernel(graph, st.caps, stress)
+            if kernel is None:
+                return self._chunked_call(system, key, graph, st.caps, stress)
+            *res, counts = kernel(self.params, graph)
             counts = tuple(int(c) for c in np.asarray(counts))
             if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
                 return self._output(*res)
@@ -449,6 +462,53 @@ class Potential:
                 max(cap, int(np.ceil(c * self.capacity_growth)))
                 for c, cap in zip(counts, st.caps, strict=True)
             )
+
+    def _kernel(self, graph: Graph, caps: tuple, stress: bool):
+        """The compiled :attr:`evaluate_verlet` for these shapes (compiled once, kept), or
+        None when its program needs more than :attr:`max_bytes`."""
+        from celli_scale import memory
+
+        leaves, tree = jax.tree_util.tree_flatten(graph)
+        key = (tree, tuple((x.shape, x.dtype) for x in leaves), caps, stress)
+        if key not in self._kernels:
+            if len(self._kernels) >= 16:  # many shapes seen: keep the memory bounded
+                self._kernels.clear()
+            lowered = self.evaluate_verlet.lower(self.params, graph, caps=caps, stress=stress)
+            compiled = lowered.compile()
+            self._kernels[key] = (compiled, memory.compiled_bytes(compiled))
+        compiled, need = self._kernels[key]
+        return None if need > self._byte_limit() else compiled
+
+    def _byte_limit(self) -> int:
+        from celli_scale import memory
+
+        if self.max_bytes is not None:
+            return int(self.max_bytes)
+        return int(0.85 * memory.available_memory_bytes())
+
+    def _chunked_call(self, system: System, key: tuple, graph, caps, stress) -> PotentialOutput:
+        """Evaluate a structure too large for one pass through the domain decomposition
+        on one device, in enough sub-bricks that each needs about half the limit."""
+        import logging
+
+        from celli_scale.distributed import ShardedPotential
+
+        leaves, tree = jax.tree_util.tree_flatten(graph)
+        need = self._kernels[(tree, tuple((x.shape, x.dtype) for x in leaves), caps, stress)][1]
+        limit = self._byte_limit()
+        chunks = max(2, math.ceil(2 * need / max(limit, 1)))
+        logging.getLogger(__name__).warning(
+            "%d atoms need about %.3g GiB in one pass (limit %.3g GiB): evaluating in %d "
+            "chunks of a domain decomposition",
+            system.n_atoms,
+            need / 2**30,
+            limit / 2**30,
+            chunks,
+        )
+        self._verlet = None  # the decomposition keeps its own lists
+        sp = ShardedPotential(self, devices=1, chunks=chunks, skin=self.skin)
+        self._chunked = (key, sp)
+        return sp(system)
 
     def _build_verlet(self, system: System, key: tuple, old: _VerletState | None):
         skin = self.skin

@@ -134,3 +134,31 @@ def test_skin_zero_and_bad_skin():
     assert pot.stats["calls"] == 0  # the plain path, a fresh graph each call
     with pytest.raises(ValueError, match="skin"):
         cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=s, skin=-1.0)
+
+
+@pytest.mark.parametrize("name", ["allegro", "celli-ewald"])
+def test_structure_too_large_for_one_pass_is_evaluated_in_chunks(name):
+    """With a memory limit below what the compiled call needs, ``pot(system)`` evaluates
+    the structure through the domain decomposition on one device, in sub-bricks, with the
+    same energy, forces and stress; later calls on the same structure stay there."""
+    from celli_scale.datasets import nacl_grid
+    from celli_scale.distributed import ShardedPotential
+
+    s = nacl_grid(6, spacing=2.2, rattle=0.05, seed=0)
+    pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=s)
+    ref = pot(s)
+    need = max(n for _, n in pot._kernels.values())
+    pot.max_bytes = need // 2
+    pot._verlet = None
+    out = pot(s)
+    sp = pot._chunked[1]
+    assert isinstance(sp, ShardedPotential) and sp.chunks >= 4
+    assert abs(float(out.energy) - float(ref.energy)) < 1e-10 * abs(float(ref.energy))
+    assert relative_error(out.forces, ref.forces) < 1e-10
+    assert relative_error(out.stress, ref.stress) < 1e-10
+    moved = s.replace(positions=np.asarray(s.positions) + 0.01)
+    out2 = pot(moved)
+    assert pot._chunked[1] is sp
+    e, f, _, _ = exact(pot, moved)
+    assert abs(float(out2.energy) - e) < 1e-10 * abs(e)
+    assert relative_error(out2.forces, f) < 1e-10
