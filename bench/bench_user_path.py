@@ -107,3 +107,52 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def report(grid_ns=USER_GRID_N, repeats: int = 3) -> list[dict]:
+    """Every model and pattern, interleaved: min call and kernel seconds, their ratio, the
+    rebuilds per call (``python -m bench.bench_user_path``)."""
+    rows = []
+    for grid_n in grid_ns:
+        pots = {m: build_potential(config_for(m, "float32")) for m in MODELS}
+        for pattern in PATTERNS:
+            systems = structures(grid_n, pattern, USER_CALLS)
+            graphs = {}
+            for m, pot in pots.items():
+                call_seconds(pot, systems)  # compile, settle
+                graphs[m] = pot.graph(systems[-1])
+                jax.block_until_ready(pot.evaluate(pot.params, graphs[m]))
+            best = {m: [np.inf, np.inf] for m in pots}
+            for _ in range(repeats):
+                for m, pot in pots.items():  # interleaved
+                    best[m][0] = min(best[m][0], min(call_seconds(pot, systems)))
+                    g = graphs[m]
+                    t = _timed(lambda p=pot, g=g: jax.block_until_ready(p.evaluate(p.params, g)))
+                    best[m][1] = min(best[m][1], t)
+            for m, (call, kernel) in best.items():
+                st = pots[m].stats
+                rows.append(
+                    dict(
+                        model=m,
+                        n_atoms=grid_n**3,
+                        pattern=pattern,
+                        call_s=call,
+                        kernel_s=kernel,
+                        ratio=call / kernel,
+                        rebuilds_per_call=st["rebuilds"] / max(st["calls"], 1),
+                    )
+                )
+                print(
+                    f"{m:8s} N={grid_n**3:5d} {pattern:5s} call {call:.4f} s  kernel "
+                    f"{kernel:.4f} s  call/kernel {call / kernel:.3f}",
+                    flush=True,
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    sizes = tuple(int(x) for x in sys.argv[1:]) or USER_GRID_N
+    print(json.dumps(report(sizes), indent=1))
