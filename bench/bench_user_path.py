@@ -120,6 +120,7 @@ def report(grid_ns=USER_GRID_N, repeats: int = 3) -> list[dict]:
             graphs = {}
             for m, pot in pots.items():
                 call_seconds(pot, systems)  # compile, settle
+                pot.stats = dict.fromkeys(pot.stats, 0)
                 graphs[m] = pot.graph(systems[-1])
                 jax.block_until_ready(pot.evaluate(pot.params, graphs[m]))
             best = {m: [np.inf, np.inf] for m in pots}
