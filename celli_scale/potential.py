@@ -384,12 +384,16 @@ class Potential:
             periodic=system.periodic,
         )
 
-    def _elec_params(self, system: System, method: str | None = None):
+    def _elec_params(
+        self, system: System, method: str | None = None, sigma_max: float | None = None
+    ):
         from celli_scale import electrostatics as el
 
-        # The learnt Gaussian widths are only known inside jit; the model caps them at
-        # elec_sigma_max, so the real-space cut-off is chosen for that width.
-        sigma_max = getattr(self.config, "elec_sigma_max", None)
+        # Graphs for training serve any width the parameters may learn: the model caps them
+        # at elec_sigma_max, so the real-space cut-off is chosen for that width. pot(system)
+        # passes the widths of the parameters it evaluates (sigma_max).
+        if sigma_max is None:
+            sigma_max = getattr(self.config, "elec_sigma_max", None)
         return el.prepare(
             system,
             method=self.config.elec_method if method is None else method,
@@ -435,9 +439,11 @@ class Potential:
         key = _structure_key(system)
         if self._chunked is not None and self._chunked[0] == key:
             return self._chunked[1](system)  # too large for one pass: its decomposition
+        sigma = self.sigma_bound()
         if (
             st is None
             or st.key != key
+            or (sigma is not None and sigma > st.sigma)
             or np.max(np.sum((pos - st.reference) ** 2, axis=1), initial=0.0)
             >= (0.5 * self.skin) ** 2
         ):
@@ -515,11 +521,18 @@ class Potential:
         nl = neighbor_list(system, self.config.r_cut + skin, growth=self.capacity_growth)
         elec_params = elec_nl = None
         counts = [_pairs_within(system, nl, self.config.r_cut)]
+        sigma = self.sigma_bound()
         if self.is_charge_model:
-            if old is not None and old.key[3] == key[3] and old.key[0] == key[0]:
-                elec_params = old.graph.elec_params  # same cell and atom count
+            if (
+                old is not None
+                and old.key[3] == key[3]
+                and old.key[0] == key[0]
+                and (sigma is None or sigma <= old.sigma)
+            ):
+                elec_params = old.graph.elec_params  # same cell, atom count and widths
+                sigma = old.sigma
             else:
-                elec_params = self._elec_params(system)
+                elec_params = self._elec_params(system, sigma_max=sigma)
             if elec_params.periodic:
                 elec_nl = neighbor_list(
                     system, elec_params.r_cut + skin, growth=self.capacity_growth
@@ -529,7 +542,33 @@ class Potential:
         if old is not None and len(old.caps) == len(caps):
             caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
         graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
-        return _VerletState(key, np.asarray(system.positions, dtype=float), graph, caps)
+        return _VerletState(key, np.asarray(system.positions, dtype=float), graph, caps, sigma)
+
+    def sigma_bound(self) -> float | None:
+        """The largest Gaussian width (Å) of the current parameters (CELLI: over the
+        model's species, computed on the host from the raw parameters), else None.
+        ``pot(system)`` sizes the electrostatics' real-space cut-off for it rather than
+        for ``elec_sigma_max``, and re-prepares when the parameters widen."""
+        smax = getattr(self.config, "elec_sigma_max", None)
+        if smax is None or self.params is None:
+            return None
+        from celli_scale.models.celli import covalent_radii
+
+        try:
+            q = self.params["params"]["qeq"]
+        except (KeyError, TypeError):
+            return float(smax)
+        mode = getattr(self.config, "sigma_mode", "learnt")
+        if mode == "fixed_covalent":
+            sig = np.asarray(covalent_radii(self.config.species), float)
+        else:
+            raw = np.asarray(q["sigma_raw"], dtype=float)
+            soft = np.logaddexp(0.0, raw)
+            sig = soft if mode == "learnt" else covalent_radii(self.config.species) * soft
+            if mode != "learnt":
+                sig = sig / np.log(2.0)
+        # a relative margin over the round-off of the float32 model's own evaluation
+        return float(min(np.max(sig) * (1 + 1e-6), float(smax)))
 
     def _call_batch(self, batch: Batch) -> PotentialOutput:
         systems = list(batch)
@@ -706,12 +745,14 @@ def _verify_manifest(path: Path) -> None:
 class _VerletState:
     """What ``pot(system)`` keeps between calls: the structure key (atom count, species,
     pbc, cell), the positions the lists were built at, the graph holding the Verlet lists
-    (and the electrostatics parameters) and the packed capacities."""
+    (and the electrostatics parameters), the packed capacities and the Gaussian width the
+    electrostatics were prepared for."""
 
     key: tuple
     reference: np.ndarray
     graph: Graph
     caps: tuple
+    sigma: float | None = None
 
 
 def _structure_key(system: System) -> tuple:

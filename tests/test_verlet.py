@@ -20,8 +20,10 @@ CONFIGS = {
 
 
 def exact(pot, s):
-    """Energy, forces, stress, charges from a fresh graph with exact (r_cut) lists."""
-    g = pot.graph(s)
+    """Energy, forces, stress, charges from a fresh graph with exact (r_cut) lists (and
+    the electrostatics parameters ``pot(s)`` prepared: sized for the current widths)."""
+    st = pot._verlet
+    g = pot.graph(s, elec_params=None if st is None else st.graph.elec_params)
     e, f, st, out = pot.evaluate(pot.params, g, stress=s.periodic)
     return float(e), np.asarray(f), st, out.charges
 
@@ -146,19 +148,50 @@ def test_structure_too_large_for_one_pass_is_evaluated_in_chunks(name):
 
     s = nacl_grid(6, spacing=2.2, rattle=0.05, seed=0)
     pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=s)
-    ref = pot(s)
+    pot(s)  # compiles the one-pass kernel: its memory need
+    # the reference: one pass over exact lists, CELLI's electrostatics sized for
+    # elec_sigma_max as the decomposition sizes them
+    e_ref, f_ref, s_ref, _ = pot.evaluate(pot.params, pot.graph(s), stress=True)
     need = max(n for _, n in pot._kernels.values())
     pot.max_bytes = need // 2
     pot._verlet = None
     out = pot(s)
     sp = pot._chunked[1]
     assert isinstance(sp, ShardedPotential) and sp.chunks >= 4
-    assert abs(float(out.energy) - float(ref.energy)) < 1e-10 * abs(float(ref.energy))
-    assert relative_error(out.forces, ref.forces) < 1e-10
-    assert relative_error(out.stress, ref.stress) < 1e-10
+    assert abs(float(out.energy) - float(e_ref)) < 1e-10 * abs(float(e_ref))
+    assert relative_error(out.forces, f_ref) < 1e-10
+    assert relative_error(out.stress, s_ref) < 1e-10
     moved = s.replace(positions=np.asarray(s.positions) + 0.01)
     out2 = pot(moved)
     assert pot._chunked[1] is sp
     e, f, _, _ = exact(pot, moved)
     assert abs(float(out2.energy) - e) < 1e-10 * abs(e)
     assert relative_error(out2.forces, f) < 1e-10
+
+
+def test_celli_real_space_cutoff_sized_for_the_current_widths():
+    """``pot(s)`` prepares CELLI's electrostatics for the Gaussian widths of its parameters
+    (covalent radii here, below elec_sigma_max): a shorter real-space cut-off, the same
+    result to the electrostatics accuracy; parameters with wider Gaussians re-prepare."""
+    from celli_scale.models.celli import qeq_raw_parameters, species_qeq_parameters
+
+    s = structure("celli-ewald")
+    pot = cs.Potential.from_config(
+        dict(CONFIGS["celli-ewald"], elec_accuracy=1e-8), seed=0, example=s
+    )
+    hard, sig = species_qeq_parameters(pot.params, pot.config)
+    assert float(np.max(sig)) < pot.config.elec_sigma_max
+    o = pot(s)
+    r_now = pot._verlet.graph.elec_params.r_cut
+    full = pot.graph(s)  # training graphs: sized for elec_sigma_max
+    assert r_now < 0.95 * full.elec_params.r_cut
+    e, f, _, _ = pot.evaluate(pot.params, full)
+    assert abs(float(o.energy) - float(e)) < 1e-7 * max(1.0, abs(float(e)))
+    assert relative_error(o.forces, f) < 1e-6
+    wider = np.minimum(np.asarray(sig) * 1.15, pot.config.elec_sigma_max)
+    raw = qeq_raw_parameters(pot.config, np.asarray(hard), wider)
+    qeq = dict(pot.params["params"]["qeq"], **raw)
+    pot.params = {"params": dict(pot.params["params"], qeq=qeq)}
+    assert_same(pot, s)
+    assert pot.stats["rebuilds"] == 2
+    assert pot._verlet.graph.elec_params.r_cut > r_now
