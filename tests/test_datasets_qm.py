@@ -91,8 +91,8 @@ def test_bad_arguments():
         qm.structures("nacl-bulk", 2, size=1)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         qm.structures("ag3", 0)
-    with pytest.raises(ValueError, match="no redraws"):
-        qm.generate("ag3", 2, max_redraws=2, progress=False)
+    with pytest.raises(ValueError, match="max_redraws must be >= 0"):
+        qm.generate("ag3", 2, max_redraws=-1, progress=False)
 
 
 @needs_tblite
@@ -224,6 +224,28 @@ def test_failed_structure_redrawn_and_listed(monkeypatch):
     redrawn = frames[1].system
     assert float(redrawn.total_charge) == 1.0 and redrawn.n_atoms == 13  # same charge state
     assert not np.allclose(np.asarray(redrawn.positions), np.asarray(calls[1].positions))
+
+
+@needs_tblite
+def test_same_geometry_sets_redraw_the_geometry_in_every_charge_state(monkeypatch):
+    """ag3 labels each geometry as Ag3+ and Ag3-: when the anion's SCF fails, both
+    structures of that geometry are redrawn together (the pairs stay pairs)."""
+    calls = []
+
+    def flaky(system, settings):
+        calls.append(system)
+        if len(calls) == 4:  # geometry 1, the anion, first draw
+            raise qm.LabelError("SCF not converged")
+        return io.Frame(system, energy=float(system.total_charge))
+
+    monkeypatch.setattr(qm, "label_one", flaky)
+    frames, manifest = qm.generate("ag3", 4, progress=False)
+    assert len(frames) == 4 and len(calls) == 6
+    assert [float(f.system.total_charge) for f in frames] == [1.0, -1.0, 1.0, -1.0]
+    assert [r["structure"] for r in manifest["redrawn"]] == [3]
+    for a, b in ((0, 1), (2, 3)):  # each pair shares its geometry
+        np.testing.assert_array_equal(frames[a].system.positions, frames[b].system.positions)
+    assert not np.allclose(np.asarray(frames[2].system.positions), np.asarray(calls[2].positions))
 
 
 @needs_tblite
