@@ -3,6 +3,7 @@ resume, damaged checkpoints fall back, the ``train`` command end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import jax
@@ -77,6 +78,12 @@ def test_training_lowers_validation_loss_and_resume_is_exact(frames, tmp_path):
     # float64: identical operations in the same order; allow round-off only
     assert max_diff(resumed["params"], full["params"]) < 1e-12
     assert max_diff(resumed["best_params"], full["best_params"]) < 1e-12
+
+    # another trainer setting must not resume those checkpoints silently
+    shutil.copy(tmp_path / "a" / "fingerprint.json", tmp_path / "b")
+    other = ForceMatching(pot, frames, config=dataclasses.replace(cfg, learning_rate=1e-3))
+    with pytest.raises(ValueError, match=r"another run \(train.learning_rate: 0.02 -> 0.001"):
+        other.fit(tmp_path / "b")
 
     # a damaged latest step (a file truncated mid-write) -> the previous step, with a warning
     c = tmp_path / "c"

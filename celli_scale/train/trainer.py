@@ -379,6 +379,7 @@ class ForceMatching:
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
+            self._check_fingerprint(out)
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint_keep)
             self._best_ckpt = BestCheckpoint(out / "best")
             restored = ckpt.restore(state)
@@ -425,6 +426,51 @@ class ForceMatching:
         if not np.isfinite(float(state["best_loss"])):
             state["best_params"] = state["params"]
         return state
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoints: the
+        model config, the trainer settings that change the trajectory (not ``progress``,
+        ``max_minutes`` or the checkpoint cadence) and a hash of the data."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for ds in (self.train, self.valid):
+            for f in [] if ds is None else ds.frames:
+                h.update(np.asarray(f.system.positions, float).tobytes())
+                h.update(np.asarray(f.system.species).tobytes())
+                h.update(np.asarray(0.0 if f.energy is None else f.energy, float).tobytes())
+        tc = dataclasses.asdict(self.cfg)
+        for k in ("progress", "max_minutes", "checkpoint_keep", "checkpoint_every"):
+            tc.pop(k)
+        return {"model": self.pot.config.to_dict(), "train": tc, "data_sha256": h.hexdigest()}
+
+    def _check_fingerprint(self, out: Path) -> None:
+        """Refuse to resume checkpoints in ``out`` written for another model, trainer
+        setting or data set (a silent resume would return the old run); first run: write
+        ``out/fingerprint.json``."""
+        import json
+
+        path = out / "fingerprint.json"
+        now = json.loads(json.dumps(self.fingerprint()))
+        ckpts = out / "checkpoints"
+        has_steps = ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir())
+        if path.is_file() and has_steps:
+            old = json.loads(path.read_text())
+            diff = [
+                f"{part}.{k}: {old.get(part, {}).get(k)!r} -> {now[part].get(k)!r}"
+                for part in ("model", "train")
+                for k in sorted(set(old.get(part, {})) | set(now[part]))
+                if old.get(part, {}).get(k) != now[part].get(k)
+            ]
+            if old.get("data_sha256") != now["data_sha256"]:
+                diff.append("the training/validation data")
+            if diff:
+                raise ValueError(
+                    f"{out} holds checkpoints of another run ({'; '.join(diff)}): resuming "
+                    "would continue that run. Use another output directory or remove "
+                    f"{ckpts}"
+                )
+        path.write_text(json.dumps(now, indent=2))
 
     def _end_epoch(self, state, epoch, acc, out, t0) -> tuple[dict, bool]:
         vloss, verrs = self.validate(state["params"])
