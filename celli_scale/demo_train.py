@@ -79,6 +79,16 @@ class Plan:
             raise ValueError(f"training minutes must be > 0, got {self.minutes}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.width < 1:
+            raise ValueError(f"batch_size and width must be >= 1, got {self.batch_size}, "
+                             f"{self.width}")  # fmt: skip
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if not (0 < self.test_fraction < 1 and 0 < self.valid_fraction < 1
+                and self.test_fraction + self.valid_fraction < 1):  # fmt: skip
+            raise ValueError("test_fraction and valid_fraction must be in (0, 1), sum < 1")
 
 
 def model_configs(plan: Plan) -> dict[str, dict[str, Any]]:
