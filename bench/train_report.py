@@ -412,9 +412,7 @@ def tables(out: Path, sets: list[str], models: list[str]) -> str:
     lines.append("")
     lines.append("Data:")
     lines.append("")
-    lines.append(
-        "| set | structures | train/valid/test | atoms | avg neighbours (5 Å) | labelled s |"
-    )
+    lines.append("| set | structures | train/valid/test | atoms | avg neighbours (5 Å) | load s |")
     lines.append("|---|---:|---|---|---:|---:|")
     for s in sets:
         if s in meta:
