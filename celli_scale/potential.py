@@ -270,31 +270,35 @@ class Potential:
         self._edge_capacity = 0
         self._elec_capacity = 0
 
-    def batch_graphs(self, systems: Sequence[System], n_atoms: int | None = None) -> list[Graph]:
+    def batch_graphs(
+        self,
+        systems: Sequence[System],
+        n_atoms: int | None = None,
+        sigma_max: float | None = None,
+    ) -> list[Graph]:
         """Graphs of ``systems`` that stack: ``n_atoms`` atoms each (default: the largest
         system), one common edge capacity (the largest need) and, for charge models, one
         set of electrostatics shapes (:func:`celli_scale.electrostatics.params.unify`:
         common Ewald split and cut-offs, k-vectors padded, the largest PME grid; every
         structure at least as accurate as alone). Periodic and open structures of a charge
-        model cannot share a batch (ValueError)."""
+        model cannot share a batch (ValueError). ``sigma_max``: the Gaussian width (Å) the
+        electrostatics must serve (default ``elec_sigma_max``, any width training may
+        reach; ``pot(Batch)`` passes :meth:`sigma_bound`)."""
         n_pad = max(s.n_atoms for s in systems) if n_atoms is None else int(n_atoms)
         elec: list[Any] = [None] * len(systems)
         if self.is_charge_model:
             from celli_scale.electrostatics.params import unify
 
             cells = [np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell) for s in systems]
-            elec = [self._elec_params(s) for s in systems]
+            elec = [self._elec_params(s, sigma_max=sigma_max) for s in systems]
             methods = {p.method for p in elec}
             if len(methods) > 1 and "direct" not in methods:
                 # "auto" picked Ewald for the small cells and PME for the large: all take
                 # the method of the largest structure
                 big = max(range(len(systems)), key=lambda i: systems[i].n_atoms)
-                elec = [self._elec_params(s, elec[big].method) for s in systems]
-            elec = unify(
-                elec,
-                cells,
-                float(getattr(self.config, "elec_sigma_max", 0.0) or 0.0),
-            )
+                elec = [self._elec_params(s, elec[big].method, sigma_max) for s in systems]
+            smax = getattr(self.config, "elec_sigma_max", None) if sigma_max is None else sigma_max
+            elec = unify(elec, cells, float(smax or 0.0))
         pairs = zip(systems, elec, strict=True)
         graphs = [self.graph(s, n_atoms=n_pad, elec_params=e) for s, e in pairs]
         caps = self.capacities
@@ -309,9 +313,11 @@ class Potential:
             for g, s, e in zip(graphs, systems, elec, strict=True)
         ]
 
-    def batch_graph(self, systems: Sequence[System], n_atoms: int | None = None) -> Graph:
+    def batch_graph(
+        self, systems: Sequence[System], n_atoms: int | None = None, sigma_max: float | None = None
+    ) -> Graph:
         """:meth:`batch_graphs` stacked along a leading axis (one compiled call)."""
-        graphs = self.batch_graphs(systems, n_atoms)
+        graphs = self.batch_graphs(systems, n_atoms, sigma_max)
         if len({g.periodic for g in graphs}) > 1:
             raise ValueError("a batch mixes periodic and open structures")
         return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
@@ -339,7 +345,9 @@ class Potential:
     ) -> Graph:
         """Host-side graph of a concrete ``system``, optionally padded to ``n_atoms`` atoms
         and ``edge_capacity`` edges; charge models take ``elec_params`` (e.g. unified over
-        a batch) instead of preparing their own."""
+        a batch) instead of preparing their own for the Gaussian widths of the current
+        parameters (:meth:`sigma_bound`; training graphs come from :meth:`batch_graphs`,
+        sized for ``elec_sigma_max``, any width the parameters may learn)."""
         n_pad = system.n_atoms if n_atoms is None else int(n_atoms)
         nl = neighbor_list(
             system,
@@ -350,8 +358,8 @@ class Potential:
         self._edge_capacity = max(self._edge_capacity, nl.capacity)
         elec_nl = None
         if self.is_charge_model:
-            if elec_params is None:
-                elec_params = self._elec_params(system)
+            if elec_params is None:  # as pot(system) prepares them: for the current widths
+                elec_params = self._elec_params(system, sigma_max=self.sigma_bound())
             elec_nl = self._elec_neighbors(system, elec_params)
         return self._assemble(system, n_pad, nl, elec_params, elec_nl)
 
@@ -588,7 +596,7 @@ class Potential:
                 nan3 = jnp.full((3,), jnp.nan, outs[0].energy.dtype)
                 outs = [o if o.dipole is not None else o.replace(dipole=nan3) for o in outs]
             return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
-        stacked = self.batch_graph(systems, n_atoms=n_pad)
+        stacked = self.batch_graph(systems, n_atoms=n_pad, sigma_max=self.sigma_bound())
         return self._output(*self.evaluate_batch(self.params, stacked, stress=all(periodic)))
 
     def _output(self, energy, forces, stress, out: ModelOutput) -> PotentialOutput:

@@ -174,15 +174,17 @@ def test_float32_end_to_end(name):
 
 
 def test_batching_invariance(name):
-    """A batch with a second, smaller-cell structure gives each structure its own result."""
+    """A batch with a second, smaller-cell structure gives each structure its own result
+    (CELLI: to the electrostatics accuracy, the batch sharing one Ewald split)."""
     pot = make_pot(name)
     other = rocksalt(1, a=5.3, rattle=0.05, seed=9)
     batch = cs.Batch.from_systems([PERIODIC, other], n_atoms=11)
     bout = pot(batch)
+    tol = 1e-10 if not pot.is_charge_model else 10 * pot.config.elec_accuracy
     for k, s in enumerate([PERIODIC, other]):
         r = pot(s)
-        assert relative_error(bout.energy[k], r.energy) < 1e-10
-        assert relative_error(np.asarray(bout.forces[k])[: s.n_atoms], r.forces) < 1e-9
+        assert relative_error(bout.energy[k], r.energy) < tol
+        assert relative_error(np.asarray(bout.forces[k])[: s.n_atoms], r.forces) < 10 * tol
 
 
 def test_wrapped_positions(name):
@@ -260,7 +262,8 @@ def sharded_batch(pot: cs.Potential, systems, *, stress: bool):
         )
 
     fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"))
-    return jax.jit(fn)(pot.params, pot.batch_graph(systems))
+    graphs = pot.batch_graph(systems, sigma_max=pot.sigma_bound())  # as pot(s) prepares
+    return jax.jit(fn)(pot.params, graphs)
 
 
 def test_shard_map_matches_single_device(name):

@@ -360,15 +360,18 @@ class ShardedPotential:
     # -- CELLI: the distributed charge equilibration -------------------------------------
     def _electrostatics(self, system: System) -> dict[str, Any]:
         """Electrostatics parameters of ``system`` as single-device CELLI prepares them
-        (widths up to ``elec_sigma_max``); ``elec_method="auto"`` picks Ewald or PME for
-        the device count (:func:`celli_scale.distributed.qeq.choose_method`)."""
+        (for the widths of the current parameters, :meth:`Potential.sigma_bound`);
+        ``elec_method="auto"`` picks Ewald or PME for the device count
+        (:func:`celli_scale.distributed.qeq.choose_method`)."""
         cfg = self.config
         if any(system.pbc) and not all(system.pbc):
             raise NotImplementedError(
                 f"CELLI electrostatics for partly periodic systems (pbc={tuple(system.pbc)}) "
                 "is not implemented; use a fully periodic cell with vacuum or an open system"
             )
-        sigma = np.full(system.n_atoms, float(cfg.elec_sigma_max))
+        bound = self.pot.sigma_bound()
+        self._sigma = float(cfg.elec_sigma_max) if bound is None else bound
+        sigma = np.full(system.n_atoms, self._sigma)
         method = cfg.elec_method
         if method == "auto":
             method = dq.choose_method(system, self._n_devices, cfg.elec_accuracy, sigma)
@@ -446,6 +449,8 @@ class ShardedPotential:
             return True, None
         if _structure_key(system) != self._key:
             return True, None
+        if self.is_charge_model and (self.pot.sigma_bound() or 0.0) > self._sigma:
+            return True, None  # the parameters widened: a longer real-space cut-off
         disp = np.asarray(system.positions, dtype=float) - self._raw
         pbc = np.asarray(system.pbc, dtype=bool)
         if pbc.any():
