@@ -161,12 +161,12 @@ def model_config(model: str, species: list[int], avg_nn: float, dtype: str) -> d
 
 
 def same_size_batches(fm: Any):
-    """Work-around (NOTES.md): a charge model's graph carries the structure's atom count in
-    its electrostatics parameters (pytree aux data), so the un-stacked CELLI training step
-    compiles again for every new sequence of atom counts in a batch (16 orders for a batch
-    of 4 over two sizes, ~1-2 min each here). These batches hold structures of one size,
-    shuffled as the trainer shuffles, with the leftovers of each size in one batch sorted
-    by size: the same number of batches per epoch and a fixed set of compositions."""
+    """Work-around, kept so the report's runs can be repeated as made: a charge model's
+    graph carried the structure's atom count in its electrostatics parameters (pytree aux
+    data; fixed since), so the un-stacked CELLI training step compiled again for every new
+    sequence of atom counts in a batch (16 orders for a batch of 4 over two sizes). These
+    batches hold structures of one size, shuffled as the trainer shuffles, with the
+    leftovers of each size in one batch sorted by size: the same number of batches per epoch and a fixed set of compositions."""
     sizes = np.asarray([f.system.n_atoms for f in fm.train.frames])
     bs = fm.cfg.batch_size
 
