@@ -166,7 +166,8 @@ def same_size_batches(fm: Any):
     data; fixed since), so the un-stacked CELLI training step compiled again for every new
     sequence of atom counts in a batch (16 orders for a batch of 4 over two sizes). These
     batches hold structures of one size, shuffled as the trainer shuffles, with the
-    leftovers of each size in one batch sorted by size: the same number of batches per epoch and a fixed set of compositions."""
+    leftovers of each size in one batch sorted by size: the same number of batches per
+    epoch and a fixed set of compositions."""
     sizes = np.asarray([f.system.n_atoms for f in fm.train.frames])
     bs = fm.cfg.batch_size
 
