@@ -121,6 +121,16 @@ def test_padding_with_garbage_changes_nothing():
     assert max_diff(grad, grad2) == 0.0
 
 
+def first_epoch(fm: ForceMatching):
+    """The parameters after the optimiser steps of epoch 0, step by step."""
+    state = jax.device_put(fm.init_state(), fm.replicated)
+    params, opt_state = state["params"], state["opt_state"]
+    for idx in fm.batches(epoch=0):
+        graphs, labels, norms = fm.device_batch(fm.train, idx)
+        params, opt_state, _, _ = fm.step(params, opt_state, graphs, labels, norms)
+    return params
+
+
 def test_four_devices_equal_one(frames):
     """Two optimiser steps, batch sharded over 4 devices vs 1 device."""
     assert jax.local_device_count() >= 4
@@ -128,12 +138,7 @@ def test_four_devices_equal_one(frames):
     for devices in (1, 4):
         pot = cs.Potential.from_config(CFG, seed=0)
         fm = ForceMatching(pot, frames, config=TrainConfig(batch_size=4, devices=devices))
-        state = jax.device_put(fm.init_state(), fm.replicated)
-        params, opt_state = state["params"], state["opt_state"]
-        for idx in fm.batches(epoch=0):
-            graphs, labels, norms = fm.device_batch(fm.train, idx)
-            params, opt_state, _, _ = fm.step(params, opt_state, graphs, labels, norms)
-        out.append(params)
+        out.append(first_epoch(fm))
     # float64; the all-reduce sums in another order: round-off only
     assert max_diff(*out) < 1e-10
 
@@ -157,12 +162,7 @@ def test_periodic_celli_four_devices_equal_one():
         cfg = TrainConfig(batch_size=4, devices=devices, learning_rate=1e-2, progress=False)
         fm = ForceMatching(pot, frames, frames[:1], config=cfg)
         assert fm.train.graphs.elec_params.kvecs.ndim == 3  # stacked over structures
-        state = jax.device_put(fm.init_state(), fm.replicated)
-        params, opt_state = state["params"], state["opt_state"]
-        for idx in fm.batches(epoch=0):
-            graphs, labels, norms = fm.device_batch(fm.train, idx)
-            params, opt_state, loss, _ = fm.step(params, opt_state, graphs, labels, norms)
-        out.append(params)
+        out.append(first_epoch(fm))
     # float64; per-structure Qeq solves are the same on any device, the all-reduce sums
     # in another order
     assert max_diff(*out) < 1e-9
