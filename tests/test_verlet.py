@@ -52,12 +52,12 @@ def test_moving_atoms_match_fresh_lists_and_rebuild_rarely(name):
     pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=s, skin=0.6)
     rng = np.random.default_rng(0)
     pos = np.asarray(s.positions)
-    for _ in range(12):
-        pos = pos + rng.normal(0, 0.04, pos.shape)
+    for _ in range(8):
+        pos = pos + rng.normal(0, 0.05, pos.shape)
         assert_same(pot, s.replace(positions=pos))
-    assert pot.stats["calls"] == 12
-    # 0.04 Å per coordinate per call, half the skin 0.3 Å: a rebuild every few calls, not each
-    assert 1 < pot.stats["rebuilds"] < 12
+    assert pot.stats["calls"] == 8
+    # 0.05 Å per coordinate per call, half the skin 0.3 Å: a rebuild every few calls, not each
+    assert 1 < pot.stats["rebuilds"] < 8
 
 
 def test_rebuild_rules():
@@ -138,7 +138,9 @@ def test_skin_zero_and_bad_skin():
         cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=s, skin=-1.0)
 
 
-@pytest.mark.parametrize("name", ["allegro", "celli-ewald"])
+# Allegro only: CELLI through the same decomposition is tested against single-device CELLI
+# in test_sharded_celli.py (the chunked path only picks the chunk count)
+@pytest.mark.parametrize("name", ["allegro"])
 def test_structure_too_large_for_one_pass_is_evaluated_in_chunks(name):
     """With a memory limit below what the compiled call needs, ``pot(system)`` evaluates
     the structure through the domain decomposition on one device, in sub-bricks, with the
@@ -183,7 +185,7 @@ def test_celli_real_space_cutoff_sized_for_the_current_widths():
     assert float(np.max(sig)) < pot.config.elec_sigma_max
     o = pot(s)
     r_now = pot._verlet.graph.elec_params.r_cut
-    full = pot.graph(s)  # training graphs: sized for elec_sigma_max
+    full = pot.batch_graphs([s])[0]  # training graphs: sized for elec_sigma_max
     assert r_now < 0.95 * full.elec_params.r_cut
     e, f, _, _ = pot.evaluate(pot.params, full)
     assert abs(float(o.energy) - float(e)) < 1e-7 * max(1.0, abs(float(e)))
