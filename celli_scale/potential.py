@@ -444,7 +444,7 @@ class Potential:
         self.stats["calls"] += 1
         pos = np.asarray(system.positions, dtype=float)
         st = self._verlet
-        key = _structure_key(system)
+        key = structure_key(system)
         if self._chunked is not None and self._chunked[0] == key:
             return self._chunked[1](system)  # too large for one pass: its decomposition
         sigma = self.sigma_bound()
@@ -464,9 +464,9 @@ class Potential:
         )
         stress = _has_volume(system)
         while True:
-            kernel = self._kernel(graph, st.caps, stress)
-            if kernel is None:
-                return self._chunked_call(system, key, graph, st.caps, stress)
+            kernel, need = self._kernel(graph, st.caps, stress)
+            if need > self._byte_limit():
+                return self._chunked_call(system, key, need)
             *res, counts = kernel(self.params, graph)
             counts = tuple(int(c) for c in np.asarray(counts))
             if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
@@ -478,8 +478,8 @@ class Potential:
             )
 
     def _kernel(self, graph: Graph, caps: tuple, stress: bool):
-        """The compiled :attr:`evaluate_verlet` for these shapes (compiled once, kept), or
-        None when its program needs more than :attr:`max_bytes`."""
+        """``(compiled, bytes needed)`` of :attr:`evaluate_verlet` for these shapes
+        (compiled once, kept)."""
         from celli_scale import memory
 
         leaves, tree = jax.tree_util.tree_flatten(graph)
@@ -490,8 +490,7 @@ class Potential:
             lowered = self.evaluate_verlet.lower(self.params, graph, caps=caps, stress=stress)
             compiled = lowered.compile()
             self._kernels[key] = (compiled, memory.compiled_bytes(compiled))
-        compiled, need = self._kernels[key]
-        return None if need > self._byte_limit() else compiled
+        return self._kernels[key]
 
     def _byte_limit(self) -> int:
         from celli_scale import memory
@@ -500,15 +499,13 @@ class Potential:
             return int(self.max_bytes)
         return int(0.85 * memory.available_memory_bytes())
 
-    def _chunked_call(self, system: System, key: tuple, graph, caps, stress) -> PotentialOutput:
+    def _chunked_call(self, system: System, key: tuple, need: int) -> PotentialOutput:
         """Evaluate a structure too large for one pass through the domain decomposition
         on one device, in enough sub-bricks that each needs about half the limit."""
         import logging
 
         from celli_scale.distributed import ShardedPotential
 
-        leaves, tree = jax.tree_util.tree_flatten(graph)
-        need = self._kernels[(tree, tuple((x.shape, x.dtype) for x in leaves), caps, stress)][1]
         limit = self._byte_limit()
         chunks = max(2, math.ceil(2 * need / max(limit, 1)))
         logging.getLogger(__name__).warning(
@@ -533,7 +530,7 @@ class Potential:
         if self.is_charge_model:
             if (
                 old is not None
-                and old.key[3] == key[3]
+                and old.key[2] == key[2]
                 and old.key[0] == key[0]
                 and (sigma is None or sigma <= old.sigma)
             ):
@@ -763,9 +760,15 @@ class _VerletState:
     sigma: float | None = None
 
 
-def _structure_key(system: System) -> tuple:
-    cell = None if system.cell is None else np.asarray(system.cell, dtype=float).tobytes()
-    return (system.n_atoms, np.asarray(system.species).tobytes(), tuple(system.pbc), cell)
+def structure_key(system: System) -> tuple:
+    """What lists, electrostatics parameters or a decomposition are valid for besides the
+    positions: ``(atom count, species, cell, pbc)`` (hashable, host)."""
+    return (
+        system.n_atoms,
+        np.asarray(system.species).tobytes(),
+        None if system.cell is None else np.asarray(system.cell, float).tobytes(),
+        tuple(system.pbc),
+    )
 
 
 def _pairs_within(system: System, nl, r_cut: float) -> int:

@@ -49,7 +49,7 @@ from celli_scale import cell as cellmod
 from celli_scale.distributed import domains, halo
 from celli_scale.distributed import qeq as dq
 from celli_scale.models import Graph
-from celli_scale.potential import Potential, PotentialOutput
+from celli_scale.potential import Potential, PotentialOutput, structure_key
 from celli_scale.system import System
 
 
@@ -131,16 +131,6 @@ def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
         return True
     old, new = tuple(before.get("stages", ())), tuple(after["stages"])
     return len(old) == len(new) and any(b > a for a, b in zip(old, new, strict=True))
-
-
-def _structure_key(system: System) -> tuple:
-    """What a decomposition is valid for besides positions: atom count, species, cell, pbc."""
-    return (
-        system.n_atoms,
-        np.asarray(system.species).tobytes(),
-        None if system.cell is None else np.asarray(system.cell, float).tobytes(),
-        tuple(system.pbc),
-    )
 
 
 class ShardedPotential:
@@ -325,7 +315,7 @@ class ShardedPotential:
         self._plan = plan
         self._system = system
         self._raw = np.asarray(system.positions, dtype=float).copy()
-        self._key = _structure_key(system)
+        self._key = structure_key(system)
         if elec is not None:
             self._elec = self._elec_plan(system, plan, elec)
         self._arrays = self._device_arrays(plan)
@@ -447,7 +437,7 @@ class ShardedPotential:
         """Whether ``system`` needs a new decomposition; else its owned positions."""
         if self._plan is None:
             return True, None
-        if _structure_key(system) != self._key:
+        if structure_key(system) != self._key:
             return True, None
         if self.is_charge_model and (self.pot.sigma_bound() or 0.0) > self._sigma:
             return True, None  # the parameters widened: a longer real-space cut-off
