@@ -523,7 +523,15 @@ class Potential:
 
     def _build_verlet(self, system: System, key: tuple, old: _VerletState | None):
         skin = self.skin
-        nl = neighbor_list(system, self.config.r_cut + skin, growth=self.capacity_growth)
+        # the lists keep their padded sizes across rebuilds of one structure (a new size
+        # would recompile the kernel at every rebuild)
+        same = old is not None and old.key == key
+        nl = neighbor_list(
+            system,
+            self.config.r_cut + skin,
+            capacity=old.graph.senders.shape[0] if same else None,
+            growth=self.capacity_growth,
+        )
         elec_params = elec_nl = None
         counts = [_pairs_within(system, nl, self.config.r_cut)]
         sigma = self.sigma_bound()
@@ -539,8 +547,13 @@ class Potential:
             else:
                 elec_params = self._elec_params(system, sigma_max=sigma)
             if elec_params.periodic:
+                keep = same and old.graph.elec_neighbors is not None
+                keep = keep and elec_params is old.graph.elec_params
                 elec_nl = neighbor_list(
-                    system, elec_params.r_cut + skin, growth=self.capacity_growth
+                    system,
+                    elec_params.r_cut + skin,
+                    capacity=old.graph.elec_neighbors.senders.shape[0] if keep else None,
+                    growth=self.capacity_growth,
                 )
                 counts.append(_pairs_within(system, elec_nl, elec_params.r_cut))
         caps = tuple(max(int(np.ceil(c * self.capacity_growth)), 1) for c in counts)

@@ -450,7 +450,7 @@ def test_md_through_update_follows_single_device(pots, refs, sharded):
     def single_forces(x):
         return np.asarray(pot(system.replace(positions=x)).forces)
 
-    args = dict(steps=200, dt=0.002, temperature=2000.0, seed=11)
+    args = dict(steps=100, dt=0.004, temperature=2000.0, seed=11)
     x_sp = _verlet(system, sharded_forces, **args)
     x_ref = _verlet(system, single_forces, **args)
     assert x_sp.shape == x_ref.shape == (system.n_atoms, 3)
