@@ -108,22 +108,70 @@ def test_labels_reproducible_and_charges_sum_to_total():
     assert a[0].energy != a[1].energy  # same geometry, cation and anion differ
 
 
-def _tblite_direct(numbers, positions_a, charge, cell_a=None):
-    """GFN2-xTB in eV, eV/Å, e, written here without celli_scale's labeller."""
-    from tblite.interface import Calculator
+_DIRECT = """
+import json, sys
+import numpy as np
+from tblite.interface import Calculator
 
-    kw = {}
-    if cell_a is not None:
-        kw = {"lattice": np.asarray(cell_a) / BOHR_IN_A, "periodic": np.array([True] * 3)}
-    uhf = int(round(np.sum(numbers) - charge)) % 2
-    calc = Calculator(
-        "GFN2-xTB", np.asarray(numbers), np.asarray(positions_a) / BOHR_IN_A, charge, uhf, **kw
+a = json.loads(sys.stdin.read())
+numbers, pos, charge, cell = np.array(a["numbers"]), np.array(a["pos"]), a["charge"], a["cell"]
+kw = {}
+if cell is not None:
+    kw = {"lattice": np.array(cell) / a["bohr"], "periodic": np.array([True] * 3)}
+uhf = int(round(numbers.sum() - charge)) % 2
+calc = Calculator("GFN2-xTB", numbers, pos / a["bohr"], charge, uhf, **kw)
+calc.set("verbosity", 0)
+res = calc.singlepoint()
+out = [float(res.get("energy")), res.get("gradient").tolist(), res.get("charges").tolist()]
+print(json.dumps(out))
+"""
+
+
+def _tblite_direct(numbers, positions_a, charge, cell_a=None):
+    """GFN2-xTB in eV, eV/Å, e, written here without celli_scale's labeller (in a child
+    process, as the labeller runs it: no Fortran runtime in the test worker)."""
+    import subprocess
+    import sys
+
+    args = dict(
+        numbers=np.asarray(numbers).tolist(),
+        pos=np.asarray(positions_a).tolist(),
+        charge=charge,
+        cell=None if cell_a is None else np.asarray(cell_a).tolist(),
+        bohr=BOHR_IN_A,
     )
-    calc.set("verbosity", 0)
-    res = calc.singlepoint()
-    e = res.get("energy") * HARTREE_IN_EV
-    f = -res.get("gradient") * HARTREE_IN_EV / BOHR_IN_A
-    return e, f, res.get("charges")
+    run = subprocess.run(
+        [sys.executable, "-c", _DIRECT],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    e, g, q = json.loads(run.stdout.strip().splitlines()[-1])
+    return e * HARTREE_IN_EV, -np.asarray(g) * HARTREE_IN_EV / BOHR_IN_A, np.asarray(q)
+
+
+@needs_tblite
+def test_labeller_process_death_is_a_named_error_and_the_next_call_works():
+    """tblite runs in a helper process (qm._Helper); if it dies, the call raises a
+    LabelError naming the structure and the next call starts a new helper; the isolated
+    and in-process results agree."""
+    s = qm.structures("ag3", 1, seed=2)[0]
+    first = qm.label_one(s)
+
+    class DiesInTheHelper:  # unpickled there as os._exit(3)
+        def __reduce__(self):
+            import os
+
+            return (os._exit, (3,))
+
+    with pytest.raises(qm.LabelError, match=r"tblite process died \(exit status 3\).*Ag3"):
+        qm.label_one(s, DiesInTheHelper())
+    again = qm.label_one(s)
+    here = qm.label_one(s, isolated=False)
+    np.testing.assert_allclose(again.energy, first.energy, rtol=1e-13)
+    np.testing.assert_allclose(here.energy, first.energy, rtol=1e-13)
+    np.testing.assert_allclose(here.forces, first.forces, atol=1e-12)
 
 
 @needs_tblite

@@ -387,35 +387,64 @@ def tblite_version() -> str:
         ) from None
 
 
-def label_one(system: System, settings: XTBSettings = XTBSettings()) -> Frame:
+def label_one(
+    system: System, settings: XTBSettings = XTBSettings(), *, isolated: bool = True
+) -> Frame:
     """Energy (eV), forces (eV/Å) and Mulliken charges (e) of one structure by tblite.
 
     Open or fully periodic (Γ point) systems; an odd number of electrons gets one unpaired
     electron. tblite's own output is silenced.
 
+    With ``isolated`` (the default) tblite runs in a helper process (spawned once, reused):
+    its Fortran runtime, OpenMP threads and heap stay out of the process that runs JAX —
+    a test worker that labelled in-process and then compiled a training step once died in
+    XLA's compiler — and a crash of the engine becomes an error here, not the end of the
+    caller.
+
     Raises:
       tblite's ``TBLiteRuntimeError`` / ``TBLiteValueError`` when the SCF fails (see
-      :func:`label`, which names the structure).
+      :func:`label`, which names the structure); :class:`LabelError` when the helper
+      process died.
     """
-    from tblite.interface import Calculator
-
     numbers = np.asarray(system.species, dtype=np.int32)
     charge = float(system.total_charge)
     electrons = float(numbers.sum()) - charge
     if abs(electrons - round(electrons)) > 1e-8:
         raise ValueError(f"total charge {charge} leaves a fractional number of electrons")
-    kwargs: dict[str, Any] = {}
-    if any(system.pbc):
-        kwargs["lattice"] = np.asarray(system.cell, dtype=np.float64) / BOHR
-        kwargs["periodic"] = np.array(system.pbc)
-    calc = Calculator(
-        settings.method,
+    periodic = bool(any(system.pbc))
+    args = (
         numbers,
-        np.asarray(system.positions, dtype=np.float64) / BOHR,
-        charge=charge,
-        uhf=int(round(electrons)) % 2,
-        color=False,
-        **kwargs,
+        np.asarray(system.positions, dtype=np.float64),
+        np.asarray(system.cell, dtype=np.float64) if periodic else None,
+        np.asarray(system.pbc, dtype=bool),
+        charge,
+        int(round(electrons)) % 2,
+        settings,
+    )
+    if isolated:
+        try:
+            energy, forces, charges = _helper().call(*args)
+        except ChildProcessError as e:
+            _stop_helper()
+            raise LabelError(
+                f"the tblite process died ({e}) labelling {formula(numbers)} "
+                f"(total charge {charge:+g} e); a new one starts with the next structure"
+            ) from e
+    else:
+        energy, forces, charges = _singlepoint(*args)
+    return Frame(system, energy=energy, forces=forces, charges=charges)
+
+
+def _singlepoint(numbers, positions, cell, pbc, charge, uhf, settings):
+    """One tblite single point in Å/eV units: ``(energy, forces, charges)``."""
+    from tblite.interface import Calculator
+
+    kwargs: dict[str, Any] = {}
+    if cell is not None:
+        kwargs["lattice"] = cell / BOHR
+        kwargs["periodic"] = pbc
+    calc = Calculator(
+        settings.method, numbers, positions / BOHR, charge=charge, uhf=uhf, color=False, **kwargs
     )
     calc.set("verbosity", 0)
     calc.set("accuracy", float(settings.accuracy))
@@ -424,12 +453,74 @@ def label_one(system: System, settings: XTBSettings = XTBSettings()) -> Frame:
     if settings.annealing_start is not None:
         calc.set("annealing", settings.annealing_start * KB / HARTREE)
     res = calc.singlepoint()
-    return Frame(
-        system,
-        energy=float(res.get("energy")) * HARTREE,
-        forces=-np.asarray(res.get("gradient")) * HARTREE_PER_BOHR,
-        charges=np.asarray(res.get("charges")),
+    return (
+        float(res.get("energy")) * HARTREE,
+        -np.asarray(res.get("gradient")) * HARTREE_PER_BOHR,
+        np.asarray(res.get("charges")),
     )
+
+
+class _Helper:
+    """A ``python -m celli_scale.datasets._xtb_worker`` process that runs
+    :func:`_singlepoint` for the caller: pickled calls on its stdin, pickled
+    ``(ok, value)`` answers on its stdout (the worker moves the engine's own prints to
+    stderr). A subprocess rather than ``multiprocessing``: spawn would re-run the caller's
+    ``__main__`` script, which a user's script without a main guard cannot take."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celli_scale.datasets._xtb_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def call(self, *args):
+        import pickle
+        import struct
+
+        try:
+            blob = pickle.dumps(args)
+            self.proc.stdin.write(struct.pack("<Q", len(blob)) + blob)
+            self.proc.stdin.flush()
+            head = self.proc.stdout.read(8)
+            if len(head) < 8:
+                raise EOFError
+            ok, value = pickle.loads(self.proc.stdout.read(struct.unpack("<Q", head)[0]))
+        except (BrokenPipeError, EOFError) as e:
+            import subprocess
+
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = "unknown: the pipe broke, the process still runs"
+            raise ChildProcessError(f"exit status {code}") from e
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+_HELPER: _Helper | None = None
+
+
+def _helper() -> _Helper:
+    global _HELPER
+    if _HELPER is None or _HELPER.proc.poll() is not None:
+        _HELPER = _Helper()
+    return _HELPER
+
+
+def _stop_helper() -> None:
+    global _HELPER
+    if _HELPER is not None:
+        _HELPER.stop()
+        _HELPER = None
 
 
 def _describe(name: str, k: int, system: System) -> str:
