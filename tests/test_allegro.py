@@ -74,3 +74,38 @@ def test_reflection_breaks_so3_only_model():
     assert_equivariant(pot, s, seed=1, reflect=False)
     with pytest.raises(AssertionError, match="energy not equivariant"):
         assert_equivariant(pot, s, seed=1, reflect=True, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mixing", ["path_channel", "path"])
+def test_per_channel_tensor_product_option(mixing):
+    """``tp_mixing="path_channel"`` is the ``"channels"`` mixing restricted to diagonal
+    matrices: with ``linear_l = diag(w_p)·sqrt(C)`` both give the same energy and forces.
+    Both per-channel options are E(3)-equivariant."""
+    import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    s = random_cluster(8, seed=3, species=SPECIES, box=5.0)
+    pot = cs.Potential.from_config(small_config(tp_mixing=mixing), example=s)
+    assert_equivariant(pot, s, seed=2, reflect=True)
+    assert any("path_weights_l1" in "/".join(k) for k in flatten_dict(pot.params))
+    if mixing == "path":
+        return
+    c = pot.config.channels
+    ref = cs.Potential.from_config(small_config(), example=s)
+    flat = flatten_dict(jax.tree_util.tree_map(np.asarray, pot.params))
+    mapped = {}
+    for key, w in flat.items():
+        if key[-1].startswith("path_weights_l"):
+            l = key[-1][len("path_weights_l") :]
+            w = w * np.sqrt(c)  # "channels" divides by sqrt(paths·C), this by sqrt(paths)
+            mapped[(*key[:-1], f"linear_l{l}")] = np.stack([np.diag(row) for row in w])
+        else:
+            mapped[key] = w
+    assert set(mapped) == set(flatten_dict(ref.params))
+    ref.params = unflatten_dict(mapped)
+    a, b = pot(s), ref(s)
+    np.testing.assert_allclose(a.energy, b.energy, rtol=1e-12)
+    np.testing.assert_allclose(a.forces, b.forces, atol=1e-12)
+    # and the option changes the model: random per-path weights differ from the default
+    default = cs.Potential.from_config(small_config(), example=s)(s)
+    assert abs(float(default.energy) - float(a.energy)) > 1e-6

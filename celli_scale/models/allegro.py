@@ -63,10 +63,13 @@ from celli_scale.models.layers import (
     scatter_sum,
 )
 
-
 # --------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------
+#: Values of :attr:`AllegroConfig.tp_mixing`.
+TP_MIXING = ("channels", "path_channel", "path")
+
+
 @dataclass(frozen=True)
 class AllegroConfig(ModelConfig):
     """Allegro hyper-parameters (shared keys: see :class:`ModelConfig`).
@@ -82,6 +85,13 @@ class AllegroConfig(ModelConfig):
       edge_eng_mlp: hidden widths of the edge-energy MLP (output 1).
       residual_coeff: ``α`` of the latent residual update
         ``x ← (x + α·Δx) / sqrt(1 + α²)``.
+      tp_mixing: how a layer turns the tensor-product paths into the new features of each
+        ``l_out``. ``"channels"`` (default; what model files written before this option
+        hold): one learnt ``(paths·C, C)`` matrix per ``l_out`` mixes paths and channels
+        (e3nn's ``Linear`` on the path outputs; ``O(paths·C²)`` per edge).
+        ``"path_channel"``: a weight per path and channel, no channel mixing
+        (nequip-allegro's ``tp_path_channel_coupling=True``); ``"path"``: one weight per
+        path shared by all channels (its default). Both are ``O(paths·C)`` per edge.
       channels (shared): multiplicity of every equivariant edge feature ``l = 0..l_max``.
       parity (shared): True = O(3) features with parity ``(-1)^l``; False = SO(3).
     """
@@ -94,6 +104,7 @@ class AllegroConfig(ModelConfig):
     env_embed_mlp: tuple[int, ...] = ()
     edge_eng_mlp: tuple[int, ...] = (32,)
     residual_coeff: float = 1.0
+    tp_mixing: str = "channels"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +123,8 @@ class AllegroConfig(ModelConfig):
             if any(w < 1 for w in widths):
                 raise ValueError(f"config {key} widths must be positive, got {widths}")
             object.__setattr__(self, key, widths)
+        if self.tp_mixing not in TP_MIXING:
+            raise ValueError(f"config tp_mixing must be one of {TP_MIXING}, got {self.tp_mixing!r}")
         if not self.residual_coeff >= 0:
             raise ValueError(f"config residual_coeff must be >= 0, got {self.residual_coeff}")
 
@@ -312,16 +325,27 @@ class AllegroLayer(nn.Module):
             plan = tp_plan(cfg.l_max, cfg.parity)
             slots = _tp_slots(v, gs, plan)
             v_new = []
+            scalars = jnp.concatenate([slots[plan.path_slot[p]] for p in plan.by_l[0]], axis=-1)
             for l, ps in enumerate(plan.by_l):
-                wl = self.param(
-                    f"linear_l{l}", nn.initializers.normal(1.0), (len(ps), c, c), dt
-                ).reshape(len(ps) * c, c)
-                for m in range(2 * l + 1):
-                    # (E, paths·C) @ (paths·C, C): path/channel mixing of component m
-                    row = jnp.concatenate([slots[plan.path_slot[p] + m] for p in ps], axis=-1)
-                    if l == 0:
-                        scalars = row  # (E, paths_0·C), path-major
-                    v_new.append((row @ wl) / float(np.sqrt(len(ps) * c)))
+                if cfg.tp_mixing == "channels":
+                    wl = self.param(
+                        f"linear_l{l}", nn.initializers.normal(1.0), (len(ps), c, c), dt
+                    ).reshape(len(ps) * c, c)
+                    for m in range(2 * l + 1):
+                        # (E, paths·C) @ (paths·C, C): path/channel mixing of component m
+                        row = jnp.concatenate([slots[plan.path_slot[p] + m] for p in ps], axis=-1)
+                        v_new.append((row @ wl) / float(np.sqrt(len(ps) * c)))
+                else:
+                    shape = (len(ps), c) if cfg.tp_mixing == "path_channel" else (len(ps), 1)
+                    wl = self.param(f"path_weights_l{l}", nn.initializers.normal(1.0), shape, dt)
+                    wl = wl / float(np.sqrt(len(ps)))
+                    for m in range(2 * l + 1):
+                        # Σ_p w_p(c) · slot_p(m): each channel keeps to itself
+                        acc = None
+                        for k, p in enumerate(ps):
+                            t = wl[k] * slots[plan.path_slot[p] + m]
+                            acc = t if acc is None else acc + t
+                        v_new.append(acc)
 
         h = jnp.concatenate([x, scalars], axis=-1)
         dx = MLP((*cfg.latent_mlp, cfg.latent_dim), dtype=dt, name="latent_mlp")(h)
