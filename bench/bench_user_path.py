@@ -151,9 +151,34 @@ def report(grid_ns=USER_GRID_N, repeats: int = 3) -> list[dict]:
     return rows
 
 
+def tp_mixing_report(grid_n: int = 10, repeats: int = 5) -> dict[str, float]:
+    """Kernel seconds of Allegro and CELLI for each ``tp_mixing`` (min of ``repeats``
+    interleaved runs on the exact graph; ``python -m bench.bench_user_path --tp-mixing``)."""
+    from celli_scale.models.allegro import TP_MIXING
+
+    s = nacl_grid(grid_n, rattle=0.05, seed=0)
+    runs = {}
+    for m in ("allegro", "celli"):
+        for mix in TP_MIXING:
+            pot = build_potential(dict(config_for(m, "float32"), tp_mixing=mix))
+            g = pot.graph(s)
+            jax.block_until_ready(pot.evaluate(pot.params, g))
+            runs[f"{m} {mix}"] = (pot, g)
+    best = dict.fromkeys(runs, np.inf)
+    for _ in range(repeats):
+        for k, (pot, g) in runs.items():
+            t = _timed(lambda p=pot, g=g: jax.block_until_ready(p.evaluate(p.params, g)))
+            best[k] = min(best[k], t)
+    return best
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    sizes = tuple(int(x) for x in sys.argv[1:]) or USER_GRID_N
-    print(json.dumps(report(sizes), indent=1))
+    args = sys.argv[1:]
+    if args and args[0] == "--tp-mixing":
+        print(json.dumps(tp_mixing_report(*(int(x) for x in args[1:])), indent=1))
+    else:
+        sizes = tuple(int(x) for x in args) or USER_GRID_N
+        print(json.dumps(report(sizes), indent=1))
