@@ -109,14 +109,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def report(grid_ns=USER_GRID_N, repeats: int = 3) -> list[dict]:
+def report(
+    grid_ns=USER_GRID_N,
+    repeats: int = 3,
+    *,
+    dtype: str = "float32",
+    patterns=PATTERNS,
+    calls: int = USER_CALLS,
+) -> list[dict]:
     """Every model and pattern, interleaved: min call and kernel seconds, their ratio, the
-    rebuilds per call (``python -m bench.bench_user_path``)."""
+    rebuilds per call (``python -m bench.bench_user_path [--float64] [--md-only] N ...``)."""
     rows = []
     for grid_n in grid_ns:
-        pots = {m: build_potential(config_for(m, "float32")) for m in MODELS}
-        for pattern in PATTERNS:
-            systems = structures(grid_n, pattern, USER_CALLS)
+        pots = {m: build_potential(config_for(m, dtype)) for m in MODELS}
+        for pattern in patterns:
+            systems = structures(grid_n, pattern, calls)
             graphs = {}
             for m, pot in pots.items():
                 call_seconds(pot, systems)  # compile, settle
@@ -135,6 +142,7 @@ def report(grid_ns=USER_GRID_N, repeats: int = 3) -> list[dict]:
                 rows.append(
                     dict(
                         model=m,
+                        dtype=dtype,
                         n_atoms=grid_n**3,
                         pattern=pattern,
                         call_s=call,
@@ -180,5 +188,10 @@ if __name__ == "__main__":
     if args and args[0] == "--tp-mixing":
         print(json.dumps(tp_mixing_report(*(int(x) for x in args[1:])), indent=1))
     else:
-        sizes = tuple(int(x) for x in args) or USER_GRID_N
-        print(json.dumps(report(sizes), indent=1))
+        kw = {}
+        if "--float64" in args:
+            kw["dtype"] = "float64"
+        if "--md-only" in args:
+            kw["patterns"] = ("md",)
+        sizes = tuple(int(x) for x in args if not x.startswith("--")) or USER_GRID_N
+        print(json.dumps(report(sizes, **kw), indent=1))
