@@ -166,7 +166,7 @@ def _compute(positions, cell, q, sigma, mask, params, neighbors, want):
         )
     if params.method == "ewald":
         recip = ewald.reciprocal(
-            positions, cell, q, alpha, params.kvecs.astype(positions.dtype), want
+            positions, cell, q, alpha, params.kvecs.astype(positions.dtype), want, params.kbox
         )
     else:
         recip = pme.reciprocal(

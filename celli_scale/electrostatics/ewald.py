@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import erfc
 
+from celli_scale.electrostatics.params import EWALD_BOX_ELEMENTS
 from celli_scale.neighbors import NeighborList, edge_vectors
 from celli_scale.units import COULOMB
 
@@ -105,12 +107,18 @@ def kspace(cell, kvecs, alpha):
     return k, jnp.where(real, 4.0 * jnp.pi / k2s * jnp.exp(-k2s / (4.0 * alpha**2)), 0.0)
 
 
-def reciprocal(positions, cell, q, alpha, kvecs, want):
-    """Ewald reciprocal sum over the half-space integer vectors ``kvecs``: φ (N,) or E ()."""
+def reciprocal(positions, cell, q, alpha, kvecs, want, kbox=()):
+    """Ewald reciprocal sum over the half-space integer vectors ``kvecs``: φ (N,) or E ().
+
+    With ``kbox`` (the largest ``|n_a|`` of ``kvecs`` per axis, static) and a box that
+    fits in memory, the sum factorises per axis (:func:`_reciprocal_box`); otherwise (or
+    without ``kbox``) every ``exp(i k·r)`` is evaluated, in blocks of k."""
     n = positions.shape[0]
     volume = jnp.abs(jnp.linalg.det(cell))
     if kvecs.shape[0] == 0:
         return jnp.zeros(n, positions.dtype) if want == "phi" else jnp.zeros((), positions.dtype)
+    if kbox and n * _box_size(kbox) <= EWALD_BOX_ELEMENTS:
+        return COULOMB / volume * _reciprocal_box(positions, cell, q, alpha, kvecs, kbox, want)
     k, g = kspace(cell, kvecs, alpha)  # (K, 3), (K,)
 
     def terms(acc, kb, gb):
@@ -137,3 +145,52 @@ def reciprocal(positions, cell, q, alpha, kvecs, want):
 
     acc, _ = jax.lax.scan(body, init, (k, g))
     return COULOMB / volume * acc
+
+
+def _box_size(kbox) -> int:
+    m1, m2, m3 = kbox
+    return (m1 + 1) * (2 * m2 + 1) * (2 * m3 + 1)
+
+
+def _reciprocal_box(positions, cell, q, alpha, kvecs, kbox, want):
+    """The reciprocal sum (without ``COULOMB / V``) factorised per axis.
+
+    With fractional coordinates ``f = r · inv(cell)``, ``exp(i k·r) = Π_a exp(2πi n_a f_a)``:
+    the phases of one axis are ``N × (2 M_a + 1)`` cosines and sines, and the structure
+    factors of every ``n`` in the half box ``n_1 ∈ [0, M_1]``, ``|n_2| ≤ M_2``,
+    ``|n_3| ≤ M_3`` are ``S[n] = Σ_j q_j e1[j, n_1] e2[j, n_2] e3[j, n_3]``: an outer
+    product of two axes and a matmul with the third. The half-space vectors of ``kvecs``
+    select the box points that count (weights of the others 0; zero rows of batch padding
+    count nothing). Measured at N = 1000 (NaCl grid, accuracy 1e-6, float64, energy +
+    forces): 3× faster than evaluating ``cos``/``sin`` of every ``k·r`` (N × K), whose
+    transcendental functions dominate; the box is ~2× larger than the sphere of ``kvecs``.
+    """
+    dt = positions.dtype
+    m1, m2, m3 = (int(m) for m in kbox)
+    n = positions.shape[0]
+    frac = positions @ jnp.linalg.inv(cell)
+    axes = [np.arange(0, m1 + 1), np.arange(-m2, m2 + 1), np.arange(-m3, m3 + 1)]
+    box = tuple(len(a) for a in axes)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    _, g = kspace(cell, jnp.asarray(grid, dt), alpha)
+    idx = jnp.round(kvecs).astype(jnp.int32)
+    counts = jnp.any(kvecs != 0, axis=1).astype(dt)
+    sel = jnp.zeros(box, dt).at[idx[:, 0], idx[:, 1] + m2, idx[:, 2] + m3].add(counts)
+    w = g.reshape(box) * sel
+    cs = []
+    for a, m in enumerate(axes):
+        ph = (2.0 * np.pi) * frac[:, a : a + 1] * jnp.asarray(m, dt)[None, :]
+        cs.append((jnp.cos(ph), jnp.sin(ph)))
+    (c1, s1), (c2, s2), (c3, s3) = cs
+    c12 = (c1[:, :, None] * c2[:, None, :] - s1[:, :, None] * s2[:, None, :]).reshape(n, -1)
+    s12 = (c1[:, :, None] * s2[:, None, :] + s1[:, :, None] * c2[:, None, :]).reshape(n, -1)
+    w = w.reshape(box[0] * box[1], box[2])
+    qc, qs = q[:, None] * c12, q[:, None] * s12
+    sc = qc.T @ c3 - qs.T @ s3  # Re S, (n1·n2, n3)
+    ss = qc.T @ s3 + qs.T @ c3  # Im S
+    if want == "energy":
+        return jnp.sum(w * (sc * sc + ss * ss))
+    # φ_j = 2 Σ_n w_n Re(exp(-i k·r_j) S_n)
+    p, r = w * sc, w * ss
+    x1, x2, x3, x4 = c12 @ p, c12 @ r, s12 @ p, s12 @ r  # (N, n3)
+    return 2.0 * jnp.sum(c3 * (x1 + x4) + s3 * (x2 - x3), axis=1)
