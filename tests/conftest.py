@@ -27,6 +27,24 @@ import celli_scale as cs  # noqa: E402
 from celli_scale.datasets import random_cluster, rocksalt  # noqa: E402, F401
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs(request):
+    """After each test file, drop JAX's caches of compiled programs. Every XLA CPU
+    executable keeps ~3 memory mappings per compiled kernel, and jit caches (module-level
+    jitted functions keyed on static arguments, a file's potentials) keep them alive: a
+    test worker that runs half the suite reached ~24,000 mappings and one died inside
+    XLA's compiler (segfault, or abort) at the kernel's limit of 65,530
+    (``vm.max_map_count``), after which pytest-xdist's loadfile scheduler hung."""
+    yield
+    import gc
+
+    for obj in list(vars(request.module).values()):  # a file's functools caches of potentials
+        if callable(getattr(obj, "cache_clear", None)):
+            obj.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def nacl8() -> cs.System:
     return rocksalt(1, rattle=0.08, seed=1)
