@@ -396,10 +396,8 @@ def label_one(
     electron. tblite's own output is silenced.
 
     With ``isolated`` (the default) tblite runs in a helper process (spawned once, reused):
-    its Fortran runtime, OpenMP threads and heap stay out of the process that runs JAX (a
-    CI test worker that had labelled in-process later died in XLA's compiler; not
-    reproduced, but this removes the suspect), and a crash of the engine becomes an error
-    here, not the end of the caller.
+    its Fortran runtime, OpenMP threads and heap stay out of the process that runs JAX,
+    and a crash of the engine becomes an error here, not the end of the caller.
 
     Raises:
       tblite's ``TBLiteRuntimeError`` / ``TBLiteValueError`` when the SCF fails (see
