@@ -108,47 +108,22 @@ def test_labels_reproducible_and_charges_sum_to_total():
     assert a[0].energy != a[1].energy  # same geometry, cation and anion differ
 
 
-_DIRECT = """
-import json, sys
-import numpy as np
-from tblite.interface import Calculator
-
-a = json.loads(sys.stdin.read())
-numbers, pos, charge, cell = np.array(a["numbers"]), np.array(a["pos"]), a["charge"], a["cell"]
-kw = {}
-if cell is not None:
-    kw = {"lattice": np.array(cell) / a["bohr"], "periodic": np.array([True] * 3)}
-uhf = int(round(numbers.sum() - charge)) % 2
-calc = Calculator("GFN2-xTB", numbers, pos / a["bohr"], charge, uhf, **kw)
-calc.set("verbosity", 0)
-res = calc.singlepoint()
-out = [float(res.get("energy")), res.get("gradient").tolist(), res.get("charges").tolist()]
-print(json.dumps(out))
-"""
-
-
 def _tblite_direct(numbers, positions_a, charge, cell_a=None):
-    """GFN2-xTB in eV, eV/Å, e, written here without celli_scale's labeller (in a child
-    process, as the labeller runs it: no Fortran runtime in the test worker)."""
-    import subprocess
-    import sys
+    """GFN2-xTB in eV, eV/Å, e, written here without celli_scale's labeller."""
+    from tblite.interface import Calculator
 
-    args = dict(
-        numbers=np.asarray(numbers).tolist(),
-        pos=np.asarray(positions_a).tolist(),
-        charge=charge,
-        cell=None if cell_a is None else np.asarray(cell_a).tolist(),
-        bohr=BOHR_IN_A,
+    kw = {}
+    if cell_a is not None:
+        kw = {"lattice": np.asarray(cell_a) / BOHR_IN_A, "periodic": np.array([True] * 3)}
+    uhf = int(round(np.sum(numbers) - charge)) % 2
+    calc = Calculator(
+        "GFN2-xTB", np.asarray(numbers), np.asarray(positions_a) / BOHR_IN_A, charge, uhf, **kw
     )
-    run = subprocess.run(
-        [sys.executable, "-c", _DIRECT],
-        input=json.dumps(args),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    e, g, q = json.loads(run.stdout.strip().splitlines()[-1])
-    return e * HARTREE_IN_EV, -np.asarray(g) * HARTREE_IN_EV / BOHR_IN_A, np.asarray(q)
+    calc.set("verbosity", 0)
+    res = calc.singlepoint()
+    e = res.get("energy") * HARTREE_IN_EV
+    f = -res.get("gradient") * HARTREE_IN_EV / BOHR_IN_A
+    return e, f, res.get("charges")
 
 
 @needs_tblite
