@@ -55,6 +55,10 @@ import json
 import logging
 import math
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -466,9 +470,6 @@ class _Helper:
     ``__main__`` script, which a user's script without a main guard cannot take."""
 
     def __init__(self) -> None:
-        import subprocess
-        import sys
-
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celli_scale.datasets._xtb_worker"],
             stdin=subprocess.PIPE,
@@ -476,9 +477,6 @@ class _Helper:
         )
 
     def call(self, *args):
-        import pickle
-        import struct
-
         try:
             blob = pickle.dumps(args)
             self.proc.stdin.write(struct.pack("<Q", len(blob)) + blob)
@@ -488,8 +486,6 @@ class _Helper:
                 raise EOFError
             ok, value = pickle.loads(self.proc.stdout.read(struct.unpack("<Q", head)[0]))
         except (BrokenPipeError, EOFError) as e:
-            import subprocess
-
             try:
                 code = self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
