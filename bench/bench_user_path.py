@@ -180,6 +180,33 @@ def tp_mixing_report(grid_n: int = 10, repeats: int = 5) -> dict[str, float]:
     return best
 
 
+def warm_start_report(
+    grid_n: int = 10, repeats: int = 3, calls: int = USER_CALLS, dtype: str = "float32"
+) -> dict[str, dict[str, float]]:
+    """CELLI's ``pot(system)`` in the ``md`` pattern with and without the Qeq warm start
+    (interleaved; min call seconds, mean CG iterations per call, max |Δq| between the two;
+    ``python -m bench.bench_user_path --warm-start [--float64] N``)."""
+    systems = structures(grid_n, "md", calls)
+    pots = {w: build_potential(config_for("celli", dtype)) for w in ("warm", "cold")}
+    pots["cold"].warm_start = False
+    iters = {w: [] for w in pots}
+    charges = {}
+    for w, pot in pots.items():
+        call_seconds(pot, systems)  # compile, settle
+        for s in systems:
+            out = pot(s)
+            iters[w].append(int(out.qeq_iterations))
+        charges[w] = np.asarray(out.charges)
+    best = dict.fromkeys(pots, np.inf)
+    for _ in range(repeats):
+        for w, pot in pots.items():
+            best[w] = min(best[w], min(call_seconds(pot, systems)))
+    dq = float(np.max(np.abs(charges["warm"] - charges["cold"])))
+    return {
+        w: dict(call_s=best[w], mean_iterations=float(np.mean(iters[w])), max_dq_e=dq) for w in pots
+    }
+
+
 if __name__ == "__main__":
     import json
     import sys
@@ -187,6 +214,11 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "--tp-mixing":
         print(json.dumps(tp_mixing_report(*(int(x) for x in args[1:])), indent=1))
+    elif args and args[0] == "--warm-start":
+        dt = "float64" if "--float64" in args else "float32"
+        sizes = [int(x) for x in args[1:] if not x.startswith("--")] or [10]
+        for n in sizes:
+            print(json.dumps({n**3: warm_start_report(n, dtype=dt)}, indent=1), flush=True)
     else:
         kw = {}
         if "--float64" in args:

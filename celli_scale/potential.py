@@ -56,7 +56,8 @@ class PotentialOutput:
 
     energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å³ or None for open systems,
     charges (N,) e or None, node_energies (N,) eV (local part), elec_energy (eV) or None,
-    dipole (3,) e·Å ``Σ q_i R_i`` for an open system with charges (CELLI), else None.
+    dipole (3,) e·Å ``Σ q_i R_i`` for an open system with charges (CELLI), else None,
+    qeq_iterations: CG iterations of CELLI's Qeq solve (0: dense solver), else None.
     """
 
     energy: jax.Array
@@ -66,6 +67,7 @@ class PotentialOutput:
     node_energies: jax.Array | None = None
     elec_energy: jax.Array | None = None
     dipole: jax.Array | None = None
+    qeq_iterations: jax.Array | None = None
 
 
 def energy_and_derivatives(
@@ -145,6 +147,11 @@ class Potential:
       params: its flax parameters.
       capacity_growth: head-room factor for edge capacities, so that MD steps reuse one
         compiled function (padding never changes a result).
+      skin: Verlet skin (Å) of the lists ``pot(system)`` keeps between calls (0: build
+        exact lists on every call).
+      warm_start: CELLI: start ``pot(system)``'s CG Qeq solve from the charges of the
+        previous call on the same structure (changes results only within the solver
+        tolerance ``qeq_tol``; False makes every call independent of the previous ones).
 
     Example:
       >>> pot = Potential.from_config({"name": "allegro"}, example=system)  # doctest: +SKIP
@@ -152,7 +159,13 @@ class Potential:
     """
 
     def __init__(
-        self, model, params, *, capacity_growth: float = 1.2, skin: float = DEFAULT_SKIN
+        self,
+        model,
+        params,
+        *,
+        capacity_growth: float = 1.2,
+        skin: float = DEFAULT_SKIN,
+        warm_start: bool = True,
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -162,6 +175,7 @@ class Potential:
         if not (np.isfinite(skin) and skin >= 0):
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
         self.skin = skin
+        self.warm_start = bool(warm_start)
         self._verlet: _VerletState | None = None
         #: Bytes one ``pot(system)`` call may use (None: 85 % of the memory available,
         #: :func:`celli_scale.memory.available_memory_bytes`). A structure whose compiled
@@ -461,6 +475,7 @@ class Potential:
         graph = st.graph.replace(
             positions=jnp.asarray(pos, dtype=dtype),
             total_charge=jnp.asarray(float(system.total_charge), dtype=dtype),
+            charges_guess=st.charges if self.warm_start else None,
         )
         stress = _has_volume(system)
         while True:
@@ -470,7 +485,10 @@ class Potential:
             *res, counts = kernel(self.params, graph)
             counts = tuple(int(c) for c in np.asarray(counts))
             if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
-                return self._output(*res)
+                result = self._output(*res)
+                if st.charges is not None:  # the next call's warm start (stays on device)
+                    st.charges = res[3].charges
+                return result
             self.stats["overflows"] += 1
             st.caps = tuple(
                 max(cap, int(np.ceil(c * self.capacity_growth)))
@@ -560,7 +578,13 @@ class Potential:
         if old is not None and len(old.caps) == len(caps):
             caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
         graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
-        return _VerletState(key, np.asarray(system.positions, dtype=float), graph, caps, sigma)
+        charges = None
+        if self.is_charge_model:  # a guess of zeros is no warm start (one compiled kernel)
+            charges = old.charges if same else None
+            if charges is None:
+                charges = jnp.zeros((system.n_atoms,), self.config.jnp_dtype)
+        pos = np.asarray(system.positions, dtype=float)
+        return _VerletState(key, pos, graph, caps, sigma, charges)
 
     def sigma_bound(self) -> float | None:
         """The largest Gaussian width (Å) of the current parameters (CELLI: over the
@@ -619,6 +643,7 @@ class Potential:
             node_energies=out.node_energies,
             elec_energy=out.elec_energy,
             dipole=out.dipole,
+            qeq_iterations=out.qeq_iterations,
         )
 
     # -- persistence --------------------------------------------------------------------
@@ -763,14 +788,16 @@ def _verify_manifest(path: Path) -> None:
 class _VerletState:
     """What ``pot(system)`` keeps between calls: the structure key (atom count, species,
     pbc, cell), the positions the lists were built at, the graph holding the Verlet lists
-    (and the electrostatics parameters), the packed capacities and the Gaussian width the
-    electrostatics were prepared for."""
+    (and the electrostatics parameters), the packed capacities, the Gaussian width the
+    electrostatics were prepared for and (charge models) the last charges, the warm start
+    of the next Qeq solve."""
 
     key: tuple
     reference: np.ndarray
     graph: Graph
     caps: tuple
     sigma: float | None = None
+    charges: Any = None
 
 
 def structure_key(system: System) -> tuple:

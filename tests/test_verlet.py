@@ -200,3 +200,38 @@ def test_celli_real_space_cutoff_sized_for_the_current_widths():
     assert_same(pot, s)
     assert pot.stats["rebuilds"] == 2
     assert pot._verlet.graph.elec_params.r_cut > r_now
+
+
+def test_celli_warm_start_same_result_fewer_iterations():
+    """CELLI's CG Qeq solve starts ``pot(system)`` from the previous call's charges: along
+    small MD-like moves the charges and energy equal the independent (cold) solve's within
+    the solver tolerance, in fewer CG iterations; a new structure starts from zero."""
+    cfg = dict(CONFIGS["celli-ewald"], qeq_method="cg", qeq_tol=1e-10)
+    s = structure("celli-ewald")
+    pots = {
+        w: cs.Potential.from_config(cfg, seed=0, example=s, warm_start=w) for w in (True, False)
+    }
+    rng = np.random.default_rng(3)
+    pos = np.asarray(s.positions)
+    iters = {True: [], False: []}
+    for k in range(5):
+        moved = s.replace(positions=pos + rng.normal(0, 0.01, pos.shape) * k)
+        out = {w: pot(moved) for w, pot in pots.items()}
+        for w in pots:
+            iters[w].append(int(out[w].qeq_iterations))
+        # relative CG residual 1e-10 on charges of order 1 e and a condition number of
+        # order 10^2: agreement to ~1e-8 e
+        np.testing.assert_allclose(out[True].charges, out[False].charges, atol=1e-8)
+        de = abs(float(out[True].energy) - float(out[False].energy))
+        assert de < 1e-8 * max(1.0, abs(float(out[False].energy)))
+        assert relative_error(out[True].forces, out[False].forces) < 1e-7
+    assert iters[True][0] == iters[False][0]  # the first call: no previous charges
+    assert sum(iters[True][1:]) < sum(iters[False][1:])
+    assert min(iters[False]) > 0
+    # another structure (one atom fewer): the guess is reset, not reshaped or reused
+    small = cs.System(
+        np.asarray(s.positions)[:-1], np.asarray(s.species)[:-1], cell=s.cell, pbc=True
+    )
+    a, b = pots[True](small), pots[False](small)
+    assert int(a.qeq_iterations) == int(b.qeq_iterations)
+    np.testing.assert_allclose(a.charges, b.charges, atol=1e-8)

@@ -343,6 +343,7 @@ class ChargeEquilibration(nn.Module):
             method=cfg.qeq_method,
             tol=cfg.qeq_tol,
             maxiter=cfg.qeq_maxiter,
+            q0=graph.charges_guess,
         )
         return result, chi, hardness, sigma
 
@@ -441,6 +442,7 @@ class CELLI(nn.Module):
             charges=q,
             elec_energy=e_elec,
             qeq_residual=result.residual,
+            qeq_iterations=result.iterations,
             chi=chi,
             dipole=None if periodic else open_dipole(graph.positions, q, graph.node_mask),
         )

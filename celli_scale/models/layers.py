@@ -42,6 +42,9 @@ class Graph:
       edge_mask: ``(E,)`` bool.
       elec_params: electrostatics parameters (CELLI only, else None).
       elec_neighbors: real-space neighbor list for the electrostatics (CELLI, periodic).
+      charges_guess: ``(N,)`` e, a warm start for CELLI's CG Qeq solve (e.g. the previous
+        call's charges; never differentiated, changes a result only within the solver
+        tolerance), or None.
       periodic: static flag.
     """
 
@@ -56,6 +59,7 @@ class Graph:
     edge_mask: jax.Array
     elec_params: Any = None
     elec_neighbors: Any = None
+    charges_guess: Any = None
     periodic: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -72,6 +76,7 @@ class ModelOutput:
     elec_energy: ``()`` electrostatic energy (eV) for CELLI, else None;
     qeq_residual: ``()`` relative residual of the charge-equilibration solve (CELLI), which
     the host checks against the tolerance (a solve cannot raise inside jit);
+    qeq_iterations: ``()`` int32 CG iterations of that solve (0: dense solver; CELLI);
     chi: ``(N,)`` electronegativities (eV/e, CELLI), else None;
     dipole: ``(3,)`` ``Σ_i q_i R_i`` (e·Å) of an open system (CELLI), else None.
     """
@@ -81,6 +86,7 @@ class ModelOutput:
     charges: jax.Array | None = None
     elec_energy: jax.Array | None = None
     qeq_residual: jax.Array | None = None
+    qeq_iterations: jax.Array | None = None
     chi: jax.Array | None = None
     dipole: jax.Array | None = None
 
