@@ -10,8 +10,8 @@ rounds (default 7; 5 at N = 64000). Each timed call is one jitted ``value_and_gr
 ``energy_forces`` with ``block_until_ready``; neighbor lists, Ewald/PME parameters and
 jax-pme's ``k_grid`` are prepared outside the timing and passed as jit arguments.
 
-* ours: ``el.prepare(system, "pme", accuracy)`` (accuracy 1e-5 and 1e-6, B-spline order 6),
-  ``el.real_space_neighbors``, ``jax.jit(jax.value_and_grad(el.energy_arrays))``.
+* ours: ``el.prepare(system, "pme", accuracy)`` (accuracy 1e-5 and 1e-6, B-spline order 8,
+  the default), ``el.real_space_neighbors``, ``jax.jit(jax.value_and_grad(el.energy_arrays))``.
 * jax-pme: ``jaxpme.PME(prefactor=jaxpme.prefactors.eV_A)`` (Lagrange interpolation, 4 nodes,
   half neighbor list — its default) with ``jax.jit(calc.energy_forces)``. Its ``prepare``
   needs ``vesin`` (not installed here), so the half neighbor list is built with
