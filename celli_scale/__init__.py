@@ -35,6 +35,8 @@ def __getattr__(name: str):
         "memory": ("celli_scale.memory", None),
         "study": ("celli_scale.study", None),
         "testing": ("celli_scale.testing", None),
+        "md": ("celli_scale.md", None),
+        "train": ("celli_scale.train", None),
     }
     if name not in lazy:
         raise AttributeError(f"module 'celli_scale' has no attribute {name!r}")

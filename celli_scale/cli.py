@@ -14,6 +14,8 @@ Subcommands:
 * ``celli-scale train CONFIG.yaml``: force-matching training (:mod:`celli_scale.train.cli`).
 * ``celli-scale evaluate MODEL DATA [--json FILE] [--plot FILE.png]``: errors by formula
   and total charge (:mod:`celli_scale.train.evaluate`).
+* ``celli-scale md CONFIG.yaml``: molecular dynamics with jax-md, trajectory, log, RDF and
+  a plot (:mod:`celli_scale.md`).
 
 Subcommands that live in their own module declare their options through
 ``add_parser(subparsers)`` and run as ``main(args)``.
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from celli_scale import demo, run, study
+from celli_scale import demo, md, run, study
 from celli_scale.datasets import cli as datasets_cli
 from celli_scale.train import cli as train_cli
 
@@ -84,6 +86,7 @@ def _module_commands() -> dict[str, Any]:
         "datasets": datasets_cli,
         "train": train_cli,
         "evaluate": train_cli,
+        "md": md,
     }
 
 
