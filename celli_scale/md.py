@@ -264,6 +264,12 @@ class MD:
             self.charges = jnp.zeros((self.n_atoms,), pot.config.jnp_dtype)
         self._init_forces()
 
+    @property
+    def _growth(self) -> float:
+        """Head-room when a capacity grows: at least 10 % (the potential's own growth may be
+        1, exact lists, which would redo a block for every extra pair)."""
+        return max(float(self.pot.capacity_growth), 1.1)
+
     # -- lists ----------------------------------------------------------------------------
     def _host_lists(self, system: System, old: Any):
         """Verlet lists (and electrostatics parameters) built on the host, as
@@ -524,7 +530,7 @@ class MD:
         return tuple(res)
 
     def _grow_caps(self, counts: np.ndarray) -> None:
-        g = self.pot.capacity_growth
+        g = self._growth
         self.stats["overflows"] += 1
         self._verlet.caps = tuple(
             max(int(c), int(np.ceil(int(n) * g)))
@@ -623,7 +629,7 @@ class MD:
 
     def _redo(self, flags: int, aux: dict) -> None:
         """Make the lists able to hold the block, before it is redone from its start."""
-        g = self.pot.capacity_growth
+        g = self._growth
         if flags & _PACK_OVER:
             self._grow_caps(np.asarray(aux["pack_counts"]))
             log.info("MD: packed pair capacities grown to %s; block redone", self._verlet.caps)
