@@ -9,8 +9,9 @@ calculator once per step), warm (compiled and run once in ``setup``).
 
 ``python -m bench.bench_md [--grid 10] [--steps 10] [--rounds 3]`` prints both loops for every
 model, interleaved, min over rounds (s/step and atom-steps/s), and CELLI's Qeq share of a
-step with cold and warm-started solves (1 − Allegro step / CELLI step: the same trunk, two
-layers; bench/RESULTS.md) and their NVE drift on a small float64 crystal.
+step with cold, warm-started and extended-Lagrangian (4 CG iterations) solves
+(1 − Allegro step / CELLI step: the same trunk, two layers; bench/RESULTS.md) and their NVE
+drift on a small float64 crystal.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def qeq_share(grid_n: int, steps: int, rounds: int) -> dict:
         "allegro": make_loop("allegro", grid_n, "jaxmd", steps),
         "celli cold": make_loop("celli", grid_n, "jaxmd", steps, qeq="cold"),
         "celli warm": make_loop("celli", grid_n, "jaxmd", steps, qeq="warm"),
+        "celli xl": make_loop("celli", grid_n, "jaxmd", steps, qeq="xl"),
     }
     best = dict.fromkeys(runs, np.inf)
     iters = {}
@@ -120,12 +122,13 @@ def qeq_share(grid_n: int, steps: int, rounds: int) -> dict:
 
 
 def drift(grid_n: int = 4, steps: int = 2000) -> dict:
-    """NVE drift (eV/atom/ps) and conserved-energy fluctuation of CELLI (CG Qeq) cold vs
-    warm, float64, dt 0.5 fs, ``grid_n``³ NaCl grid."""
+    """NVE drift (eV/atom/ps) and conserved-energy fluctuation of CELLI (CG Qeq) cold,
+    warm and extended-Lagrangian (4 CG iterations per step), float64, dt 0.5 fs,
+    ``grid_n``³ NaCl grid."""
     from celli_scale.md import MD, MDConfig
 
     out = {}
-    for qeq in ("cold", "warm"):
+    for qeq in ("cold", "warm", "xl"):
         pot = build_potential({**config_for("celli", "float64"), "qeq_method": "cg"})
         pot.capacity_growth = 1.2
         s = nacl_grid(grid_n, rattle=0.05, seed=0)
@@ -160,7 +163,7 @@ def main() -> None:
     q = qeq_share(args.grid, args.steps, args.rounds)
     t = q["s_per_step"]
     print(f"jax-md loop s/step: {t}; CG iterations/step: {q['cg_iterations']}")
-    for k in ("celli cold", "celli warm"):
+    for k in ("celli cold", "celli warm", "celli xl"):
         print(f"  Qeq share ({k}): {1 - t['allegro'] / t[k]:.1%}")
     d = drift(args.drift_grid, args.drift_steps)
     print(f"NVE drift, CELLI float64, N = {args.drift_grid**3}, {args.drift_steps} steps: {d}")

@@ -22,6 +22,13 @@ start. A step never runs on a list that misses a pair.
 CELLI. The charges of each step's Qeq solve are carried to the next step as the CG's
 initial guess (``qeq="warm"``; ``"cold"`` starts from zero every step). The residual of
 every solve is checked on the host after each block (:class:`~celli_scale.qeq.QeqConvergenceError`).
+``qeq="xl"``: extended-Lagrangian charge propagation (Niklasson et al., J. Chem. Phys. 130,
+214109 (2009), K = 5 with dissipation): auxiliary charges ``n`` are integrated time-reversibly
+with the atoms, ``n(t+δt) = 2n(t) − n(t−δt) + κ(q(t) − n(t)) + α Σ_k c_k n(t−kδt)``, and each
+step's CG starts from ``n`` and runs a fixed ``xl_iterations`` iterations (its residual is
+recorded, not checked: the solve is not converged by design). The forces are those of the
+model at these charges (implicit differentiation as for converged solves), so the energy
+conservation must be measured (bench/bench_md.py), not assumed.
 
 Why the integrator steps are composed here rather than called as ``jax_md.simulate.nve``
 etc.: jax-md's ``apply_fn`` calls a force function that returns forces only, so the Qeq
@@ -49,7 +56,12 @@ from celli_scale.system import System
 log = logging.getLogger(__name__)
 
 ENSEMBLES = ("nve", "langevin", "nose_hoover")
-QEQ_MODES = ("warm", "cold")
+QEQ_MODES = ("warm", "cold", "xl")
+#: Extended-Lagrangian coefficients for K = 5 (Niklasson, Steneteg, Odell 2009, Table I):
+#: κ, α and c_0..c_5 (Σ c_k = 0, so the total charge of n is kept).
+XL_KAPPA = 1.82
+XL_ALPHA = 0.018
+XL_C = (-6.0, 14.0, -8.0, -3.0, 4.0, -1.0)
 NEIGHBOR_MODES = ("auto", "jit", "host")
 
 
@@ -67,7 +79,10 @@ class MDConfig:
       chain_length: Nosé–Hoover chain length.
       every: steps per compiled block = stride of recorded frames and of the host checks.
       seed: PRNG seed (velocities, Langevin noise).
-      qeq: CELLI: "warm" (start each CG solve from the previous step's charges) or "cold".
+      qeq: CELLI: "warm" (start each CG solve from the previous step's charges), "cold", or
+        "xl" (extended-Lagrangian auxiliary charges as the guess, ``xl_iterations`` CG
+        iterations per step).
+      xl_iterations: CG iterations per step with ``qeq="xl"``.
       neighbors: "auto", "jit" (lists rebuilt inside the compiled loop) or "host".
       skin: Verlet skin (Å); None: the potential's ``skin``.
     """
@@ -81,6 +96,7 @@ class MDConfig:
     every: int = 10
     seed: int = 0
     qeq: str = "warm"
+    xl_iterations: int = 4
     neighbors: str = "auto"
     skin: float | None = None
 
@@ -102,8 +118,8 @@ class MDConfig:
             raise ValueError(f"a thermostat needs a temperature > 0 K, got {t!r}")
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tau must be a positive number of fs, got {self.tau!r}")
-        if int(self.every) < 1 or int(self.chain_length) < 1:
-            raise ValueError("every and chain_length must be positive integers")
+        if int(self.every) < 1 or int(self.chain_length) < 1 or int(self.xl_iterations) < 1:
+            raise ValueError("every, chain_length and xl_iterations must be positive integers")
         if self.skin is not None and not (math.isfinite(self.skin) and self.skin > 0):
             raise ValueError(f"skin must be a positive number of Å, got {self.skin!r}")
 
@@ -262,7 +278,11 @@ class MD:
         self.charges = None
         if pot.is_charge_model:
             self.charges = jnp.zeros((self.n_atoms,), pot.config.jnp_dtype)
+        self._xl_hist = None
         self._init_forces()
+        if pot.is_charge_model and config.qeq == "xl":  # n(t - kδt) = q(0) for k = 0..5
+            q0 = jnp.asarray(self.charges, self.state.position.dtype)
+            self._xl_hist = jnp.tile(q0[None], (len(XL_C), 1))
 
     @property
     def _growth(self) -> float:
@@ -348,7 +368,13 @@ class MD:
         pot, cfg = self.pot, self.cfg
         model, r_cut, caps = pot.model, pot.config.r_cut, st.caps
         mdtype = pot.config.jnp_dtype
-        warm = cfg.qeq == "warm" and pot.is_charge_model
+        warm = cfg.qeq in ("warm", "xl") and pot.is_charge_model
+        xl = cfg.qeq == "xl" and pot.is_charge_model
+        if xl:  # the same parameters, a fixed number of CG iterations
+            model = model.clone(
+                config=dataclasses.replace(model.config, qeq_maxiter=int(cfg.xl_iterations))
+            )
+        xl_c = jnp.asarray(XL_C)
         half2 = (0.5 * self.skin) ** 2
         dt, kT = self.dt, self._kT
         gamma = float(cfg.friction) / self._fs
@@ -421,9 +447,11 @@ class MD:
             return state.set(position=R), aux
 
         def force(state, aux, params):
+            guess = None
+            if warm:
+                guess = aux["xl"][0].astype(mdtype) if xl else aux["charges"]
             graph = aux["graph"].replace(
-                positions=state.position.astype(mdtype),
-                charges_guess=aux["charges"] if warm else None,
+                positions=state.position.astype(mdtype), charges_guess=guess
             )
             graph, counts = compact_graph(graph, r_cut, caps)
             e, f, _, out = energy_and_derivatives(model, params, graph)
@@ -434,6 +462,16 @@ class MD:
                 aux["charges"] = out.charges.astype(aux["charges"].dtype)
                 aux["residual"] = jnp.maximum(aux["residual"], out.qeq_residual)
                 iters = out.qeq_iterations
+                if xl:  # propagate the auxiliary charges to the next step
+                    h = aux["xl"]
+                    q = out.charges.astype(h.dtype)
+                    nxt = (
+                        2.0 * h[0]
+                        - h[1]
+                        + XL_KAPPA * (q - h[0])
+                        + XL_ALPHA * jnp.tensordot(xl_c.astype(h.dtype), h, axes=1)
+                    )
+                    aux["xl"] = jnp.concatenate([nxt[None], h[:-1]], axis=0)
             else:
                 iters = jnp.zeros((), jnp.int32)
             aux["energy"] = e.astype(state.position.dtype)
@@ -498,6 +536,7 @@ class MD:
             "residual": jnp.zeros((), self.pot.config.jnp_dtype),
             "energy": jnp.zeros((), dtype),
             "list_counts": jnp.zeros((2,), jnp.int32),
+            "xl": self._xl_hist if self._xl_hist is not None else jnp.zeros((0,), dtype),
             "pack_counts": jnp.zeros((len(st.caps),), jnp.int32),
         }
 
@@ -519,7 +558,7 @@ class MD:
             st = self._verlet
             graph = st.graph.replace(
                 positions=self.state.position.astype(pot.config.jnp_dtype),
-                charges_guess=self.charges if self.cfg.qeq == "warm" else None,
+                charges_guess=self.charges if self.cfg.qeq != "cold" else None,
             )
             *res, counts = pot.evaluate_verlet(pot.params, graph, caps=st.caps, stress=stress)
             counts = np.asarray(counts)
@@ -570,7 +609,12 @@ class MD:
                     break
                 self.stats["redone_blocks"] += 1
                 self._redo(flags, aux)
-            if self.pot.is_charge_model and self.pot.qeq_tol is not None:
+            if self.cfg.qeq == "xl":
+                self.stats["xl_residual_max"] = max(
+                    self.stats.get("xl_residual_max", 0.0), float(aux["residual"])
+                )
+                self._xl_hist = aux["xl"]
+            elif self.pot.is_charge_model and self.pot.qeq_tol is not None:
                 check_residual(aux["residual"], self.pot.qeq_tol, where="MD step")
             self.state = state
             self.stats["jit_rebuilds"] += int(aux["n_reb"])
