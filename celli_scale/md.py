@@ -216,7 +216,6 @@ class MD:
     ) -> None:
         from ase.data import atomic_masses
         from ase.units import fs, kB
-        from jax_md import simulate
 
         if not isinstance(system, System):
             raise ValueError(f"MD needs a celli_scale.System, got {type(system).__name__}")
@@ -243,16 +242,33 @@ class MD:
             "redone_blocks": 0,
         }
         self._blocks: dict[tuple, Any] = {}
+        self._masses = masses
+        self._verlet = None
+        self._key = _structure_key(system)
+        self.reset(velocities=velocities)
+        self.neighbors = self._choose_neighbors(config.neighbors)
+
+    def reset(
+        self, positions: Any = None, *, velocities: Any = None, seed: int | None = None
+    ) -> None:
+        """Start again from ``positions`` (default: the system's; same atoms and cell) with
+        ``velocities`` (Å/fs; default Maxwell–Boltzmann from ``seed``, default
+        ``config.seed``), keeping the compiled blocks (and the list capacities): a sampler
+        that restarts MD for new parameters does not recompile."""
+        from jax_md import simulate
+
+        config = self.cfg
+        pos_np = np.asarray(self.system.positions if positions is None else positions, float)
+        if pos_np.shape != (self.n_atoms, 3) or not np.all(np.isfinite(pos_np)):
+            raise ValueError(f"positions must be a finite ({self.n_atoms}, 3) array (Å)")
         self._step_count = 0
         # lists and electrostatics parameters, as pot(system) builds them
-        self._key = _structure_key(system)
-        self._verlet = self._host_lists(system, None)
-        self.neighbors = self._choose_neighbors(config.neighbors)
+        self._verlet = self._host_lists(self._system_at(pos_np), self._verlet)
         # the jax-md state
         fdtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-        pos = jnp.asarray(np.asarray(system.positions, dtype=float), fdtype)
-        mass = jnp.asarray(masses, fdtype)[:, None]
-        key = jax.random.PRNGKey(int(config.seed))
+        pos = jnp.asarray(pos_np, fdtype)
+        mass = jnp.asarray(self._masses, fdtype)[:, None]
+        key = jax.random.PRNGKey(int(config.seed if seed is None else seed))
         key, vkey = jax.random.split(key)
         zeros = jnp.zeros_like(pos)
         if config.ensemble == "langevin":
@@ -276,11 +292,11 @@ class MD:
             state = state.set(chain=self._chain.initialize(3 * self.n_atoms, ke, self._kT))
         self.state = state
         self.charges = None
-        if pot.is_charge_model:
-            self.charges = jnp.zeros((self.n_atoms,), pot.config.jnp_dtype)
+        if self.pot.is_charge_model:
+            self.charges = jnp.zeros((self.n_atoms,), self.pot.config.jnp_dtype)
         self._xl_hist = None
         self._init_forces()
-        if pot.is_charge_model and config.qeq == "xl":  # n(t - kδt) = q(0) for k = 0..5
+        if self.pot.is_charge_model and config.qeq == "xl":  # n(t - kδt) = q(0), k = 0..5
             q0 = jnp.asarray(self.charges, self.state.position.dtype)
             self._xl_hist = jnp.tile(q0[None], (len(XL_C), 1))
 
@@ -795,6 +811,119 @@ def _append_xyz(path: str | Path, system: System, fr: Frame) -> None:
     atoms.calc = SinglePointCalculator(atoms, energy=fr.energy, forces=fr.forces)
     atoms.info.update(step=fr.step, time_fs=fr.time, temperature_K=fr.temperature)
     ase.io.write(str(path), atoms, format="extxyz", append=True)
+
+
+# -- top-down training (celli_scale.train.difftre / relative_entropy) ----------------------
+def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.5):
+    """``energy_fn(params, positions, box=None, **unused) -> eV`` of ``pot``'s model for
+    frames of ``system`` (same atoms, species and cell), as the reweighting trainers take
+    it: a traced function of the parameters and positions (jit/vmap-able). Neighbor lists
+    are built inside (a dense search over atoms and images, capacities from ``system``
+    with ``capacity_growth`` head-room); a frame with more pairs than that gets a NaN
+    energy (never a silently missing pair). ``box``, when given, must be the cell's
+    diagonal (orthorhombic cells)."""
+    from celli_scale.neighbors import neighbor_list_fn
+
+    # CELLI: electrostatics prepared for elec_sigma_max, any width training may reach
+    elec = pot._elec_params(system) if pot.is_charge_model else None
+    g0 = pot.graph(system, elec_params=elec)
+    periodic = system.periodic
+    cell = np.asarray(system.cell, float) if periodic else None
+    r_cut = float(pot.config.r_cut)
+    n_edge = max(int(np.ceil(int(np.sum(g0.edge_mask)) * capacity_growth)), 1)
+    edge_fn = neighbor_list_fn(r_cut, n_edge, cell, system.pbc)
+    elec_fn = None
+    if g0.elec_neighbors is not None:
+        n_el = int(np.sum(np.asarray(g0.elec_neighbors.mask)))
+        n_el = max(int(np.ceil(n_el * capacity_growth)), 1)
+        elec_fn = neighbor_list_fn(g0.elec_params.r_cut, n_el, cell, system.pbc)
+    dtype = pot.config.jnp_dtype
+    model = pot.model
+    diag = None if cell is None else np.diag(cell)
+
+    def energy_fn(params, positions, box=None, **unused):
+        if box is not None and diag is not None:
+            b = np.broadcast_to(np.asarray(box, float), (3,)) if not _traced(box) else None
+            if b is not None and (not np.allclose(b, diag) or not np.allclose(cell, np.diag(diag))):
+                raise ValueError(f"box {b} differs from the cell of the system ({cell})")
+        pos = jnp.asarray(positions).astype(dtype)
+        nl = edge_fn(pos)
+        over = nl.n_pairs > n_edge
+        g = g0.replace(
+            positions=pos,
+            senders=nl.senders,
+            receivers=nl.receivers,
+            shifts=nl.shifts.astype(g0.shifts.dtype),
+            edge_mask=nl.mask,
+        )
+        if elec_fn is not None:
+            e = elec_fn(pos)
+            over = over | (e.n_pairs > e.senders.shape[0])
+            old = g0.elec_neighbors
+            g = g.replace(
+                elec_neighbors=old.replace(
+                    senders=e.senders,
+                    receivers=e.receivers,
+                    shifts=e.shifts.astype(old.shifts.dtype),
+                    mask=e.mask,
+                    n_pairs=e.n_pairs.astype(old.n_pairs.dtype),
+                )
+            )
+        energy = model.apply(params, g).energy
+        return jnp.where(over, jnp.nan, energy)
+
+    return energy_fn
+
+
+def _traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def potential_sampler(
+    pot: Any,
+    system: System,
+    config: MDConfig = MDConfig(ensemble="langevin"),
+    *,
+    n_equilibration: int = 1000,
+    n_frames: int = 100,
+    stride: int = 10,
+):
+    """A sampler for the reweighting trainers: ``sampler(params, key, state_point) ->
+    positions (n_frames, N, 3)``: :class:`MD` of ``pot`` with ``params`` from the state
+    point's positions (same species and cell as ``system``) at its temperature (``config``
+    must be a thermostat), ``n_equilibration`` steps, then ``n_frames`` frames every
+    ``stride`` steps; the seed comes from ``key``."""
+    if config.ensemble == "nve":
+        raise ValueError("a sampler for reweighting needs a thermostat (langevin, nose_hoover)")
+    if n_frames < 1 or stride < 1 or n_equilibration < 0:
+        raise ValueError("n_frames and stride must be positive, n_equilibration >= 0")
+
+    from celli_scale.potential import Potential
+
+    runs: dict[tuple, MD] = {}  # one MD (compiled once) per temperature and masses
+
+    def sampler(params, key, state_point):
+        pos = np.asarray(state_point.positions, float)
+        masses = np.broadcast_to(np.asarray(state_point.masses, float), (system.n_atoms,))
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        tag = (float(state_point.temperature), masses.tobytes())
+        md = runs.get(tag)
+        if md is None:
+            p = Potential(pot.model, jax.device_get(params), capacity_growth=1.2, skin=pot.skin)
+            cfg = dataclasses.replace(
+                config, temperature=float(state_point.temperature), every=int(stride)
+            )
+            md = runs[tag] = MD(
+                p, system.replace(positions=pos, min_distance=0.0), cfg, masses=masses
+            )
+        md.pot.params = jax.device_get(params)
+        md.reset(pos, seed=seed)
+        if n_equilibration:
+            md.run(-(-n_equilibration // stride) * stride, progress=False)
+        res = md.run(n_frames * stride, progress=False)
+        return jnp.asarray(np.stack([f.positions for f in res.frames]))
+
+    return sampler
 
 
 # -- observables -----------------------------------------------------------------------------
