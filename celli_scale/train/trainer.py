@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +235,16 @@ def weighted_loss(errs: dict, norms: dict, w: LossWeights) -> jax.Array:
 class ForceMatching:
     """Force-matching trainer for a :class:`~celli_scale.potential.Potential`.
 
+    A :class:`~celli_scale.train.routine.Stage` (``name``, :meth:`init_state`,
+    :meth:`run_epoch`, :meth:`params_of`), so it composes with other trainers in a
+    :class:`~celli_scale.train.routine.Routine`; :meth:`fit` runs it alone (checkpoints,
+    best parameters, early stopping, ``metrics.csv``). Inside a routine its learning-rate
+    schedule spans ``config.max_epochs`` epochs: set it to the epochs the routine gives it.
+
     Example:
       >>> fm = ForceMatching(pot, train_frames, valid_frames, TrainConfig(max_epochs=5))
-      >>> fm.fit(out_dir)  # doctest: +SKIP
-      >>> pot.params = fm.best_params
+      >>> state = fm.fit(out_dir)  # doctest: +SKIP
+      >>> pot.params = state["best_params"]  # doctest: +SKIP
     """
 
     def __init__(
@@ -247,8 +253,9 @@ class ForceMatching:
         train: Sequence[Any],
         valid: Sequence[Any] | None = None,
         config: TrainConfig = TrainConfig(),
+        name: str = "force_matching",
     ) -> None:
-        self.pot, self.cfg = pot, config
+        self.pot, self.cfg, self.name = pot, config, name
         train = list(train)
         if valid is None:
             rng = np.random.default_rng(config.seed)
@@ -337,6 +344,8 @@ class ForceMatching:
 
     # -- state --------------------------------------------------------------------------
     def init_state(self, params: Any | None = None) -> dict:
+        """``{params, opt_state, step, best_loss, bad_epochs, best_params}`` at ``params``
+        (default ``pot.params``), step 0."""
         params = self.pot.params if params is None else params
         dtype = self.pot.config.jnp_dtype
         return {
@@ -363,6 +372,56 @@ class ForceMatching:
         return loss / len(ds), tot
 
     # -- training -----------------------------------------------------------------------
+    def params_of(self, state: dict) -> Any:
+        """The parameters of a training state (:class:`~celli_scale.train.routine.Stage`)."""
+        return state["params"]
+
+    def run_epoch(self, state: dict) -> tuple[dict, dict[str, float]]:
+        """One epoch (:class:`~celli_scale.train.routine.Stage`): the optimizer steps over
+        the training batches of epoch ``state["step"] // steps_per_epoch`` (data order from
+        ``(seed, epoch)``; only the remaining batches when ``state`` stopped mid-epoch),
+        then the validation loss, which updates ``best_loss``, ``best_params`` and
+        ``bad_epochs``. Deterministic given ``state``.
+
+        Returns:
+          ``(state, metrics)``; metrics: ``epoch`` (1-based), ``step``, ``valid_loss`` and
+          the ``{train,valid}_{energy,forces,charges,stress}_{mae,rmse}`` errors (eV per
+          atom, eV/Å, e, eV/Å³; NaN where a target has no labels).
+        """
+        state, row = self._epoch(state)
+        assert row is not None  # no on_step: the epoch always finishes
+        return state, row
+
+    def _epoch(
+        self,
+        state: dict,
+        on_step: Callable[[dict, float], bool] | None = None,
+        t0: float | None = None,
+    ) -> tuple[dict, dict[str, float] | None]:
+        """:meth:`run_epoch`, with ``on_step(state, batch_loss) -> stop`` called after each
+        optimizer step (True ends the epoch there, unfinished, unless it was its last step:
+        the metrics are then None) and, with ``t0``, ``minutes`` since ``t0`` in the
+        metrics."""
+        state = jax.device_put(state, self.replicated)  # parameters, optimizer replicated
+        spe = self.steps_per_epoch
+        step = int(state["step"])
+        epoch = step // spe
+        params, opt_state = state["params"], state["opt_state"]
+        acc = None
+        for b, idx in enumerate(self.batches(epoch)):
+            if b < step - epoch * spe:
+                continue  # resumed mid-epoch: these batches are done
+            graphs, labels, norms = self.device_batch(self.train, idx)
+            params, opt_state, loss, errs = self.step(params, opt_state, graphs, labels, norms)
+            step += 1
+            errs = _with_counts(errs, norms)
+            acc = errs if acc is None else _add(acc, errs)
+            state = dict(state, params=params, opt_state=opt_state)
+            state["step"] = jnp.asarray(step, jnp.int32)
+            if on_step is not None and on_step(state, float(loss)) and step % spe:
+                return state, None
+        return self._end_epoch(state, epoch, acc, t0)
+
     def fit(self, out: str | Path | None = None, state: dict | None = None) -> dict:
         """Train until ``max_epochs``, ``max_minutes`` or early stopping; returns the final
         state (``state["best_params"]``: the parameters with the best validation loss).
@@ -375,54 +434,53 @@ class ForceMatching:
 
         cfg = self.cfg
         state = self.init_state() if state is None else state
-        ckpt = None
+        ckpt = best_ckpt = None
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
             self._check_fingerprint(out)
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint_keep)
-            self._best_ckpt = BestCheckpoint(out / "best")
+            best_ckpt = BestCheckpoint(out / "best")
             restored = ckpt.restore(state)
             if restored is not None:
                 state = restored
                 log.info("resumed from step %d", int(state["step"]))
-        state = jax.device_put(state, self.replicated)  # parameters, optimizer replicated
         spe = self.steps_per_epoch
         every = cfg.checkpoint_every or spe
         t0 = time.monotonic()
-        step = int(state["step"])
-        params, opt_state = state["params"], state["opt_state"]
-        bar = tqdm(total=cfg.max_epochs * spe, initial=step, disable=not cfg.progress)
+        bar = tqdm(total=cfg.max_epochs * spe, initial=int(state["step"]), disable=not cfg.progress)
+
+        def timed_out() -> bool:
+            return (time.monotonic() - t0) / 60 > cfg.max_minutes
+
+        def on_step(st: dict, loss: float) -> bool:
+            step = int(st["step"])
+            bar.update(1)
+            bar.set_postfix(epoch=(step - 1) // spe, loss=f"{loss:.4g}")
+            if ckpt is not None and step % every == 0 and step % spe:  # epoch ends: below
+                ckpt.save(step, st)
+            return timed_out()
+
         stop = False
-        epoch = step // spe
-        while epoch < cfg.max_epochs and not stop:
-            acc = None
-            for b, idx in enumerate(self.batches(epoch)):
-                if b < step - epoch * spe:
-                    continue  # resumed mid-epoch: these batches are done
-                graphs, labels, norms = self.device_batch(self.train, idx)
-                params, opt_state, loss, errs = self.step(params, opt_state, graphs, labels, norms)
-                step += 1
-                errs = _with_counts(errs, norms)
-                acc = errs if acc is None else _add(acc, errs)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4g}")
-                state = dict(state, params=params, opt_state=opt_state)
-                state["step"] = jnp.asarray(step, jnp.int32)
-                if step % spe == 0:
-                    state, stop = self._end_epoch(state, epoch, acc, out, t0)
-                if ckpt is not None and step % every == 0:
-                    ckpt.save(step, state)
-                if (time.monotonic() - t0) / 60 > cfg.max_minutes:
-                    stop = True
-                if stop:
-                    break
-            epoch += 1
+        while int(state["step"]) // spe < cfg.max_epochs and not stop:
+            best_before = float(state["best_loss"])
+            state, row = self._epoch(state, on_step, t0)
+            if row is None:
+                break  # out of time mid-epoch
+            step = int(state["step"])
+            if out is not None:
+                if float(state["best_loss"]) < best_before:
+                    best_ckpt.save(step, state["params"], row["valid_loss"])
+                _append_csv(out / "metrics.csv", row)
+            if ckpt is not None and step % every == 0:
+                ckpt.save(step, state)
+            p = cfg.patience
+            stop = bool(p and int(state["bad_epochs"]) >= p) or timed_out()
         bar.close()
         if ckpt is not None:
-            ckpt.save(step, state)
+            ckpt.save(int(state["step"]), state)
             ckpt.close()
-            self._best_ckpt.close()
+            best_ckpt.close()
         if not np.isfinite(float(state["best_loss"])):
             state["best_params"] = state["params"]
         return state
@@ -472,7 +530,7 @@ class ForceMatching:
                 )
         path.write_text(json.dumps(now, indent=2))
 
-    def _end_epoch(self, state, epoch, acc, out, t0) -> tuple[dict, bool]:
+    def _end_epoch(self, state, epoch, acc, t0=None) -> tuple[dict, dict[str, float]]:
         vloss, verrs = self.validate(state["params"])
         better = vloss < float(state["best_loss"])
         state = dict(state)
@@ -480,28 +538,28 @@ class ForceMatching:
             state["best_loss"] = jnp.asarray(vloss, state["best_loss"].dtype)
             state["best_params"] = state["params"]
             state["bad_epochs"] = jnp.asarray(0, jnp.int32)
-            if out is not None:
-                self._best_ckpt.save(int(state["step"]), state["params"], vloss)
         else:
             state["bad_epochs"] = state["bad_epochs"] + 1
-        row = {"epoch": epoch + 1, "step": int(state["step"]), "valid_loss": vloss}
-        row["minutes"] = (time.monotonic() - t0) / 60
+        row: dict[str, float] = {"epoch": epoch + 1, "step": int(state["step"])}
+        row["valid_loss"] = vloss
+        if t0 is not None:
+            row["minutes"] = (time.monotonic() - t0) / 60
         for split, e in (("train", acc), ("valid", verrs)):
             for k in TARGETS:
                 sq, ab, n = e[k]
                 row[f"{split}_{k}_mae"] = ab / n if n else float("nan")
                 row[f"{split}_{k}_rmse"] = math.sqrt(sq / n) if n else float("nan")
         self.history = [*getattr(self, "history", []), row]
-        if out is not None:
-            path = Path(out) / "metrics.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as fh:
-                wr = csv.DictWriter(fh, fieldnames=list(row))
-                if new:
-                    wr.writeheader()
-                wr.writerow(row)
-        p = self.cfg.patience
-        return state, bool(p and int(state["bad_epochs"]) >= p)
+        return state, row
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            wr.writeheader()
+        wr.writerow(row)
 
 
 def _with_counts(errs: dict, norms: dict) -> dict:
