@@ -820,8 +820,9 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
     it: a traced function of the parameters and positions (jit/vmap-able). Neighbor lists
     are built inside (a dense search over atoms and images, capacities from ``system``
     with ``capacity_growth`` head-room); a frame with more pairs than that gets a NaN
-    energy (never a silently missing pair). ``box``, when given, must be the cell's
-    diagonal (orthorhombic cells)."""
+    energy (never a silently missing pair). ``box`` (side lengths of an orthorhombic cell,
+    within 5 % of the system's) replaces the cell, so that the trainers' pressure (a strain
+    of positions and box together) is the model's virial."""
     from celli_scale.neighbors import neighbor_list_fn
 
     # CELLI: electrostatics prepared for elec_sigma_max, any width training may reach
@@ -839,25 +840,33 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
         elec_fn = neighbor_list_fn(g0.elec_params.r_cut, n_el, cell, system.pbc)
     dtype = pot.config.jnp_dtype
     model = pot.model
-    diag = None if cell is None else np.diag(cell)
+
+    orthorhombic = cell is not None and np.allclose(cell, np.diag(np.diag(cell)))
 
     def energy_fn(params, positions, box=None, **unused):
-        if box is not None and diag is not None:
-            b = np.broadcast_to(np.asarray(box, float), (3,)) if not _traced(box) else None
-            if b is not None and (not np.allclose(b, diag) or not np.allclose(cell, np.diag(diag))):
-                raise ValueError(f"box {b} differs from the cell of the system ({cell})")
         pos = jnp.asarray(positions).astype(dtype)
-        nl = edge_fn(pos)
+        cell_now = g0.cell
+        if box is not None and cell is not None:
+            # the reweighting trainers' pressure strains positions and box together
+            if not orthorhombic:
+                raise ValueError("a box (side lengths) needs an orthorhombic cell")
+            if not _traced(box):
+                b = np.broadcast_to(np.asarray(box, float), (3,))
+                if not np.allclose(b, np.diag(cell), rtol=0.05):
+                    raise ValueError(f"box {b} differs from the system's cell {np.diag(cell)}")
+            cell_now = jnp.diag(jnp.broadcast_to(jnp.asarray(box), (3,))).astype(dtype)
+        nl = edge_fn(pos, cell_now if cell is not None else None)
         over = nl.n_pairs > n_edge
         g = g0.replace(
             positions=pos,
+            cell=cell_now,
             senders=nl.senders,
             receivers=nl.receivers,
             shifts=nl.shifts.astype(g0.shifts.dtype),
             edge_mask=nl.mask,
         )
         if elec_fn is not None:
-            e = elec_fn(pos)
+            e = elec_fn(pos, cell_now)
             over = over | (e.n_pairs > e.senders.shape[0])
             old = g0.elec_neighbors
             g = g.replace(

@@ -301,6 +301,17 @@ def test_potential_energy_fn_and_sampler_for_reweighting(celli, crystal):
         ref = celli(crystal.replace(positions=np.asarray(frames[k]), min_distance=0.0)).energy
         assert abs(float(e[k]) - float(ref)) < 1e-9
 
+    # the trainers' pressure (strain of positions and box) is the model's virial
+    from celli_scale.train.difftre import pressure as difftre_pressure
+    from celli_scale.train.reweight import StatePoint
+
+    spt = StatePoint(frames[2], np.diag(crystal.cell), 500.0, masses=23.0)
+    p_tr = float(difftre_pressure(efn)(celli.params, frames[2], spt))
+    out = celli(crystal.replace(positions=np.asarray(frames[2]), min_distance=0.0))
+    kin = crystal.n_atoms * spt.kT / spt.volume
+    p_model = pressure(np.asarray(out.stress), 0.0, spt.volume) + kin
+    assert abs(p_tr - p_model) < 1e-8 * max(1.0, abs(p_model)) + 1e-10, (p_tr, p_model)
+
     leaves, tree = jax.tree_util.tree_flatten(celli.params)
     rng = np.random.default_rng(0)
     d = [jnp.asarray(rng.normal(size=x.shape)) for x in leaves]
