@@ -30,6 +30,10 @@ recorded, not checked: the solve is not converged by design). The forces are tho
 model at these charges (implicit differentiation as for converged solves), so the energy
 conservation must be measured (bench/bench_md.py), not assumed.
 
+A :class:`~celli_scale.distributed.ShardedPotential` drives MD too: it keeps its own lists,
+halo and Qeq warm start, so its steps advance on the host around ``sp(system)`` (the
+integrator halves are still compiled jax-md steps).
+
 Why the integrator steps are composed here rather than called as ``jax_md.simulate.nve``
 etc.: jax-md's ``apply_fn`` calls a force function that returns forces only, so the Qeq
 charges (the warm start of the next step), the energy and the list flags could not leave
@@ -245,8 +249,14 @@ class MD:
         self._masses = masses
         self._verlet = None
         self._key = _structure_key(system)
+        #: a ShardedPotential (any potential without Potential's compiled Verlet kernel):
+        #: steps advance on the host around its calls (it keeps its own lists, halo and
+        #: Qeq warm start); the integrator halves are still compiled jax-md steps
+        self.sharded = not hasattr(pot, "evaluate_verlet")
+        if self.sharded and config.qeq == "xl":
+            raise ValueError("qeq='xl' needs a Potential (not a ShardedPotential)")
         self.reset(velocities=velocities)
-        self.neighbors = self._choose_neighbors(config.neighbors)
+        self.neighbors = "sharded" if self.sharded else self._choose_neighbors(config.neighbors)
 
     def reset(
         self, positions: Any = None, *, velocities: Any = None, seed: int | None = None
@@ -263,7 +273,8 @@ class MD:
             raise ValueError(f"positions must be a finite ({self.n_atoms}, 3) array (Å)")
         self._step_count = 0
         # lists and electrostatics parameters, as pot(system) builds them
-        self._verlet = self._host_lists(self._system_at(pos_np), self._verlet)
+        if not self.sharded:
+            self._verlet = self._host_lists(self._system_at(pos_np), self._verlet)
         # the jax-md state
         fdtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         pos = jnp.asarray(pos_np, fdtype)
@@ -392,15 +403,11 @@ class MD:
             )
         xl_c = jnp.asarray(XL_C)
         half2 = (0.5 * self.skin) ** 2
-        dt, kT = self.dt, self._kT
-        gamma = float(cfg.friction) / self._fs
         periodic = self.system.periodic
         cell = jnp.asarray(np.asarray(self.system.cell, float)) if periodic else None
         pbc = jnp.asarray(np.asarray(self.system.pbc, bool))
         jit_lists = self.neighbors == "jit"
         edge_fn, elec_fn = self._builders() if jit_lists else (None, None)
-        chain = getattr(self, "_chain", None)
-        shift = lambda r, dr, **kw: r + dr  # noqa: E731 - no wrapping between rebuilds
 
         def wrap(R):
             if not periodic:
@@ -493,38 +500,14 @@ class MD:
             aux["energy"] = e.astype(state.position.dtype)
             return state.set(force=f.astype(state.position.dtype)), aux, iters
 
-        def verlet(state, aux, params, dt_pos):
-            """Velocity Verlet around the force call (jax-md's velocity_verlet)."""
-            state = simulate.momentum_step(state, dt / 2)
-            state = simulate.position_step(state, shift, dt_pos)
-            state, aux = lists(state, aux)
-            state, aux, iters = force(state, aux, params)
-            state = simulate.momentum_step(state, dt / 2)
-            return state, aux, iters
+        pre, post = self._integrator()
 
         def step(params, carry):
             state, aux = carry
-            if cfg.ensemble == "nve":
-                state, aux, iters = verlet(state, aux, params, dt)
-                extra = 0.0
-            elif cfg.ensemble == "langevin":  # BAOAB, as jax-md's nvt_langevin
-                state = simulate.momentum_step(state, dt / 2)
-                state = simulate.position_step(state, shift, dt / 2)
-                state = simulate.stochastic_step(state, dt, kT, gamma)
-                state = simulate.position_step(state, shift, dt / 2)
-                state, aux = lists(state, aux)
-                state, aux, iters = force(state, aux, params)
-                state = simulate.momentum_step(state, dt / 2)
-                extra = None
-            else:  # Nosé–Hoover chain, as jax-md's nvt_nose_hoover
-                ch = chain.update_mass(state.chain, kT)
-                p, ch = chain.half_step(state.momentum, ch, kT)
-                state = state.set(momentum=p)
-                state, aux, iters = verlet(state, aux, params, dt)
-                ch = ch.set(kinetic_energy=simulate.kinetic_energy(state))
-                p, ch = chain.half_step(state.momentum, ch, kT)
-                state = state.set(momentum=p, chain=ch)
-                extra = _chain_energy(ch, 3 * self.n_atoms, kT)
+            state = pre(state)
+            state, aux = lists(state, aux)
+            state, aux, iters = force(state, aux, params)
+            state, extra = post(state)
             ke = simulate.kinetic_energy(state)
             cons = jnp.nan if extra is None else aux["energy"] + ke + extra
             return (state, aux), (aux["energy"], ke, cons, iters)
@@ -538,6 +521,48 @@ class MD:
         fn = jax.jit(block)
         self._blocks[key] = fn
         return fn
+
+    def _integrator(self):
+        """``(pre, post)``: one step of the ensemble's integrator split around the force
+        call, from jax-md's building blocks in the order of its ``nve`` (velocity Verlet),
+        ``nvt_langevin`` (BAOAB) and ``nvt_nose_hoover``. ``pre(state) -> state`` (positions
+        at the new step); ``post(state with the new forces) -> (state, extra)``, ``extra``
+        the thermostat's part of the conserved energy (0 for NVE, None for Langevin)."""
+        from jax_md import simulate
+
+        cfg, dt, kT = self.cfg, self.dt, self._kT
+        gamma = float(cfg.friction) / self._fs
+        chain = getattr(self, "_chain", None)
+        n = self.n_atoms
+
+        def shift(r, dr, **kw):  # no wrapping between list rebuilds
+            return r + dr
+
+        def pre(state):
+            if cfg.ensemble == "langevin":
+                state = simulate.momentum_step(state, dt / 2)
+                state = simulate.position_step(state, shift, dt / 2)
+                state = simulate.stochastic_step(state, dt, kT, gamma)
+                return simulate.position_step(state, shift, dt / 2)
+            if cfg.ensemble == "nose_hoover":
+                ch = chain.update_mass(state.chain, kT)
+                p, ch = chain.half_step(state.momentum, ch, kT)
+                state = state.set(momentum=p, chain=ch)
+            state = simulate.momentum_step(state, dt / 2)
+            return simulate.position_step(state, shift, dt)
+
+        def post(state):
+            state = simulate.momentum_step(state, dt / 2)
+            if cfg.ensemble == "langevin":
+                return state, None
+            if cfg.ensemble == "nve":
+                return state, 0.0
+            ch = state.chain.set(kinetic_energy=simulate.kinetic_energy(state))
+            p, ch = chain.half_step(state.momentum, ch, kT)
+            state = state.set(momentum=p, chain=ch)
+            return state, _chain_energy(ch, 3 * n, kT)
+
+        return pre, post
 
     def _aux(self):
         st = self._verlet
@@ -556,9 +581,46 @@ class MD:
             "pack_counts": jnp.zeros((len(st.caps),), jnp.int32),
         }
 
+    def _host_block(self, n_steps: int):
+        """``n_steps`` steps with the force call on the host (a ShardedPotential): the
+        compiled integrator halves around ``pot(system)``. Returns what a compiled block
+        returns (the state, ``{"energy", "charges"}``, per-step records)."""
+        from jax_md import simulate
+
+        if getattr(self, "_halves", None) is None:
+            pre, post = self._integrator()
+            self._halves = (jax.jit(pre), jax.jit(post), jax.jit(simulate.kinetic_energy))
+        pre, post, kin = self._halves
+        state = self.state
+        rec: list[list[float]] = [[], [], [], []]
+        out = None
+        for _ in range(n_steps):
+            state = pre(state)
+            out = self.pot(self._system_at(np.asarray(state.position)))
+            state = state.set(force=jnp.asarray(out.forces, state.position.dtype))
+            state, extra = post(state)
+            ke = float(kin(state))
+            e = float(out.energy)
+            rec[0].append(e)
+            rec[1].append(ke)
+            rec[2].append(np.nan if extra is None else e + ke + float(extra))
+            it = getattr(out, "qeq_iterations", None)
+            rec[3].append(0 if it is None else int(it))
+        aux = {"energy": jnp.asarray(rec[0][-1]), "charges": self.charges}
+        if out is not None and out.charges is not None:
+            aux["charges"] = jnp.asarray(out.charges)
+        return state, aux, tuple(np.asarray(r) for r in rec)
+
     def _init_forces(self) -> None:
         """Forces (and charges, energy) at the starting positions, through the kernel of
         ``pot(system)`` (:attr:`Potential.evaluate_verlet`)."""
+        if self.sharded:
+            out = self.pot(self._system_at(np.asarray(self.state.position)))
+            self.state = self.state.set(force=jnp.asarray(out.forces, self.state.position.dtype))
+            self._energy = float(out.energy)
+            if self.charges is not None and out.charges is not None:
+                self.charges = jnp.asarray(out.charges)
+            return
         e, f, _, out = self.evaluate(stress=False)
         self.state = self.state.set(force=f.astype(self.state.position.dtype))
         self._energy = float(e)
@@ -617,15 +679,20 @@ class MD:
         t1 = None
         params = self.pot.params
         for b in range(n_blocks):
-            while True:
-                fn = self._block_fn(every)
-                state, aux, rec = fn(params, self.state, self._aux())
-                flags = int(aux["flags"])
-                if flags == 0:
-                    break
-                self.stats["redone_blocks"] += 1
-                self._redo(flags, aux)
-            if self.cfg.qeq == "xl":
+            if self.sharded:
+                state, aux, rec = self._host_block(every)
+            else:
+                while True:
+                    fn = self._block_fn(every)
+                    state, aux, rec = fn(params, self.state, self._aux())
+                    flags = int(aux["flags"])
+                    if flags == 0:
+                        break
+                    self.stats["redone_blocks"] += 1
+                    self._redo(flags, aux)
+            if self.sharded:
+                pass  # the sharded potential checks its Qeq solves itself
+            elif self.cfg.qeq == "xl":
                 self.stats["xl_residual_max"] = max(
                     self.stats.get("xl_residual_max", 0.0), float(aux["residual"])
                 )
@@ -633,9 +700,10 @@ class MD:
             elif self.pot.is_charge_model and self.pot.qeq_tol is not None:
                 check_residual(aux["residual"], self.pot.qeq_tol, where="MD step")
             self.state = state
-            self.stats["jit_rebuilds"] += int(aux["n_reb"])
-            self._verlet.graph = aux["graph"]
-            self._verlet.reference = np.asarray(aux["ref"])
+            if not self.sharded:
+                self.stats["jit_rebuilds"] += int(aux["n_reb"])
+                self._verlet.graph = aux["graph"]
+                self._verlet.reference = np.asarray(aux["ref"])
             if self.charges is not None:
                 self.charges = aux["charges"]
             e, k, c, it = (np.asarray(x) for x in rec)

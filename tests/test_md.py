@@ -329,3 +329,19 @@ def test_potential_energy_fn_and_sampler_for_reweighting(celli, crystal):
     h = 1e-5
     fd = (float(f(h)) - float(f(-h))) / (2 * h)
     assert abs(analytic - fd) < 1e-6 * max(1.0, abs(fd)), (analytic, fd)
+
+
+def test_md_driven_by_a_sharded_potential(allegro, crystal):
+    """MD of a ShardedPotential (here one device, two sub-bricks) follows the trajectory of
+    the same model through Potential (float64)."""
+    from celli_scale.distributed import ShardedPotential
+
+    cfg = MDConfig(ensemble="nose_hoover", dt=1.0, temperature=300.0, tau=50.0, every=5, seed=3)
+    ref = MD(allegro, crystal, cfg).run(20, progress=False)
+    sp = ShardedPotential(cs.Potential(allegro.model, allegro.params), devices=1, chunks=2)
+    md = MD(sp, crystal, cfg)
+    assert md.sharded and md.neighbors == "sharded"
+    res = md.run(20, progress=False)
+    d = (res.frames[-1].positions - ref.frames[-1].positions) @ np.linalg.inv(crystal.cell)
+    np.testing.assert_allclose(d - np.round(d), 0.0, atol=1e-8)
+    np.testing.assert_allclose(res.conserved, ref.conserved, atol=1e-8)
