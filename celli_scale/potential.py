@@ -490,9 +490,11 @@ class Potential:
                     st.charges = res[3].charges
                 return result
             self.stats["overflows"] += 1
+            # at least 10 % head-room: with capacity_growth 1 (exact lists) every extra pair
+            # would recompile the kernel
+            growth = max(self.capacity_growth, 1.1)
             st.caps = tuple(
-                max(cap, int(np.ceil(c * self.capacity_growth)))
-                for c, cap in zip(counts, st.caps, strict=True)
+                max(cap, int(np.ceil(c * growth))) for c, cap in zip(counts, st.caps, strict=True)
             )
 
     def _kernel(self, graph: Graph, caps: tuple, stress: bool):
