@@ -1144,7 +1144,10 @@ def main(args) -> int:
     return 0
 
 
-def _structure(spec: Any, base: Path, frame: int) -> System:
+def structure_from_spec(spec: Any, base: Path | str = ".", frame: int = 0) -> System:
+    """A structure from a config value: a file name (relative to ``base``; frame ``frame``)
+    or a generator ``{nacl_grid|rocksalt: {arguments}}`` (:mod:`celli_scale.datasets`)."""
+    base = Path(base)
     from celli_scale import io
     from celli_scale.datasets import synthetic
 
@@ -1197,7 +1200,7 @@ def run_from_config(cfg: Any, base: Path | None = None) -> tuple[MDResult, Path]
         if k not in cfg:
             raise ValueError(f"the MD config needs '{k}'")
     base = Path(".") if base is None else Path(base)
-    system = _structure(cfg["structure"], base, int(cfg.get("frame", 0)))
+    system = structure_from_spec(cfg["structure"], base, int(cfg.get("frame", 0)))
     model = cfg["model"]
     if isinstance(model, str):
         pot = Potential.load(base / model)

@@ -284,8 +284,10 @@ def test_routine_config_errors(tmp_path):
         return dict(base, stages=list(entries))
 
     fm = {"type": "force_matching", "epochs": 1}
-    with pytest.raises(ValueError, match=r"unknown stage type 'difftre' \(known: force_match"):
-        routine_from_config(stages(fm, {"type": "difftre", "epochs": 2}))
+    with pytest.raises(
+        ValueError, match=r"unknown stage type 'nonesuch' \(known: difftre, force_matching, rel"
+    ):
+        routine_from_config(stages(fm, {"type": "nonesuch", "epochs": 2}))
     with pytest.raises(ValueError, match=r"stages\[0\] needs 'epochs'"):
         routine_from_config(stages({"type": "force_matching"}))
     with pytest.raises(ValueError, match=r"stages\[0\].epochs must be a positive integer"):
@@ -298,7 +300,7 @@ def test_routine_config_errors(tmp_path):
         routine_from_config(dict(stages(fm), max_epochs=3))
     with pytest.raises(ValueError, match="'stages' must be a non-empty list"):
         routine_from_config(stages())
-    # a registered builder is used (the lead registers difftre this way)
+    # a registered builder is used (difftre and relative_entropy are registered this way)
     built = []
 
     def toy(entry, ctx):

@@ -44,6 +44,48 @@ spans its epochs over the whole routine (``epochs`` x ``cycles``). Other stage t
 added to :data:`STAGE_BUILDERS`. It writes ``out/model/`` (the final parameters),
 ``out/checkpoints/`` (resumed from when present) and ``out/metrics.csv`` (one row per
 epoch, with the stage's name).
+
+Top-down stages refine the routine's model on observables of its own MD: ``difftre``
+(:class:`~celli_scale.train.difftre.DiffTRe`, targets per state point) and
+``relative_entropy`` (:class:`~celli_scale.train.relative_entropy.RelativeEntropy`, a
+reference trajectory per state point). An epoch is one optimizer update on the state
+points' trajectories reweighted to the current parameters; a state point is re-sampled
+(:func:`celli_scale.md.potential_sampler`, the energy :func:`celli_scale.md.potential_energy_fn`)
+when its effective sample size falls below ``ess_threshold``::
+
+    - type: difftre
+      name: difftre              # default: the type
+      epochs: 10                 # optimizer updates
+      state_points:
+        - name: liquid           # default sp<k>
+          structure: start.xyz   # or {nacl_grid: {n: 4, spacing: 2.8}}, as celli-scale md;
+          frame: 0               #   periodic, orthorhombic: its cell is the box (NVT)
+          temperature: 300       # K
+          masses: 22.99          # amu, one number or one per atom; default ASE's masses
+          targets:               # at least one; loss: weight x mean((<O> - target)^2)
+            rdf: {file: target_rdf.csv, weight: 1.0}   # CSV r_A,g (bin centres), as
+                                 #   celli-scale md writes; or values: [...] with r_max;
+                                 #   r_max (Å, <= half the box), n_bins default to the file's
+                                 #   (other bins: linear interpolation). All pairs together.
+            pressure: {value: 1.0, unit: bar, weight: 1e-6}   # unit: bar, kbar, GPa, eV/A^3
+            energy: {value: -3.1, weight: 1.0}    # potential energy, eV/atom
+      md: {dt: 1.0, friction: 0.01}   # MDConfig keys of the sampler; ensemble: langevin
+                                      #   (default) or nose_hoover; not temperature, every,
+                                      #   seed (the state point's, sampling.stride, seed)
+      sampling: {equilibration: 1000, frames: 100, stride: 10}   # MD steps; the defaults
+      optimizer: {name: adam, learning_rate: 1e-3, schedule: constant}  # over the epochs
+      ess_threshold: 0.8         # re-sample below this effective-sample-size fraction
+      seed: 0                    # PRNG of the MD; default: the top-level seed
+      batch_size: null           # frames evaluated together; null: all at once
+    - type: relative_entropy     # the same keys, but per state point:
+      epochs: 10
+      state_points:
+        - reference: traj.xyz    # frames of the target ensemble (same atoms and cell)
+          temperature: 300       # structure: default the reference's first frame
+          weight: 1.0            # this state point's share of the gradient
+
+There is no density target: in NVT sampling the density is the box's. A routine without
+force-matching data needs ``model.species`` (there is no data to learn them from).
 """
 
 from __future__ import annotations
@@ -55,10 +97,17 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ase import units as ase_units
 
 from celli_scale.train.routine import Routine, Stage
 from celli_scale.train.trainer import ForceMatching, LossWeights, TrainConfig
+
+if TYPE_CHECKING:
+    from celli_scale.train.difftre import Target
+    from celli_scale.train.reweight import StatePoint
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +262,377 @@ def build_force_matching(entry: Mapping[str, Any], ctx: StageContext) -> ForceMa
     return ForceMatching(ctx.pot, train, valid, tc, name=str(entry.get("name", "force_matching")))
 
 
-#: stage type -> builder; other trainers register here (``STAGE_BUILDERS["difftre"] = ...``).
-STAGE_BUILDERS: dict[str, StageBuilder] = {"force_matching": build_force_matching}
+# -- top-down stages: DiffTRe and relative entropy on the routine's Potential -------------
+TOPDOWN_STAGE_KEYS = STAGE_KEYS | {
+    "state_points", "md", "sampling", "optimizer", "ess_threshold", "seed", "batch_size",
+}  # fmt: skip
+SAMPLING_KEYS = {"equilibration", "frames", "stride"}
+#: MDConfig fields a sampler takes from elsewhere (the key -> where it comes from)
+MD_SET_BY_STAGE = {
+    "temperature": "each state point's 'temperature'",
+    "every": "sampling.stride",
+    "seed": "the stage's 'seed' (a PRNG key per trajectory)",
+}
+STATE_POINT_KEYS = {"name", "structure", "frame", "temperature", "masses"}
+DIFFTRE_SP_KEYS = STATE_POINT_KEYS | {"targets"}
+RE_SP_KEYS = STATE_POINT_KEYS | {"reference", "weight"}
+TARGET_KEYS = {
+    "rdf": {"file", "values", "r_max", "n_bins", "weight"},
+    "pressure": {"value", "unit", "weight"},
+    "energy": {"value", "weight"},
+}
+#: pressure units of a ``pressure`` target, in eV/Å³
+PRESSURE_UNITS = {
+    "eV/A^3": 1.0,
+    "bar": float(ase_units.bar),
+    "kbar": 1e3 * float(ase_units.bar),
+    "GPa": float(ase_units.GPa),
+}
+
+
+def _number(v: Any, what: str, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
+    if positive and v <= 0:
+        raise ValueError(f"{what} must be positive, got {v!r}")
+    return float(v)
+
+
+def _weight(d: Mapping[str, Any], where: str) -> float:
+    w = _number(d.get("weight", 1.0), f"{where}.weight")
+    if w < 0:
+        raise ValueError(f"{where}.weight must be non-negative, got {w}")
+    return w
+
+
+def _state_point_system(sp: Mapping[str, Any], ctx: StageContext, where: str, default=None):
+    """The structure of a state point entry: ``structure`` (+ ``frame``) as ``celli-scale
+    md`` reads it, else ``default``; checked to be periodic, orthorhombic and known to the
+    model."""
+    from celli_scale.md import structure_from_spec
+
+    if "structure" in sp:
+        frame = sp.get("frame", 0)
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise ValueError(f"{where}.frame must be an integer, got {frame!r}")
+        try:
+            system = structure_from_spec(sp["structure"], ctx.base, frame)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}.structure: {e}") from e
+    elif default is not None:
+        system = default
+    else:
+        raise ValueError(f"{where} needs 'structure' (a file, or {{nacl_grid: {{...}}}})")
+    cell = np.asarray(system.cell, float) if system.periodic else None
+    if cell is None or not np.all(system.pbc) or not np.allclose(cell, np.diag(np.diag(cell))):
+        raise ValueError(
+            f"{where}: top-down training needs a structure periodic in x, y, z with an "
+            "orthorhombic cell (the state point's box)"
+        )
+    try:
+        ctx.pot.species_index(system.species)
+    except ValueError as e:
+        raise ValueError(f"{where}.structure: {e}") from e
+    return system
+
+
+def _state_point(sp: Mapping[str, Any], system: Any, k: int, where: str) -> StatePoint:
+    """A :class:`StatePoint` (box, temperature, masses, the structure's index ``k`` as the
+    energy function's ``structure`` argument) of a state point entry."""
+    from ase.data import atomic_masses
+
+    from celli_scale.train.reweight import StatePoint
+
+    if "temperature" not in sp:
+        raise ValueError(f"{where} needs 'temperature' (K)")
+    t = _number(sp["temperature"], f"{where}.temperature", positive=True)
+    masses = sp.get("masses")
+    if masses is None:
+        masses = atomic_masses[np.asarray(system.species)]
+    elif isinstance(masses, int | float) and not isinstance(masses, bool):
+        masses = float(masses)
+    elif isinstance(masses, list):
+        masses = np.asarray(masses, float)
+    else:
+        raise ValueError(f"{where}.masses must be a number or a list (amu), got {masses!r}")
+    name = str(sp.get("name", f"sp{k}"))
+    try:
+        return StatePoint(
+            np.asarray(system.positions, float),
+            np.diag(np.asarray(system.cell, float)),
+            t,
+            masses,
+            energy_kwargs={"structure": k},
+            name=name,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _rdf_target(spec: Any, box: np.ndarray, ctx: StageContext, where: str) -> Target:
+    """An RDF target: ``file`` (CSV ``r_A,g`` of bin centres, as ``celli-scale md``
+    writes) or ``values``, on the bins ``r_max``, ``n_bins`` (default: the file's)."""
+    from celli_scale.train.difftre import Target, rdf, rdf_bin_centers
+
+    spec = _check_keys(spec, TARGET_KEYS["rdf"], where)
+    if ("file" in spec) == ("values" in spec):
+        raise ValueError(f"{where} needs one of 'file' (CSV r_A,g) or 'values'")
+    r_max = spec.get("r_max")
+    n_bins = spec.get("n_bins")
+    if "values" in spec:
+        g = np.asarray(spec["values"], float)
+        if g.ndim != 1 or g.size < 1:
+            raise ValueError(f"{where}.values must be a list of numbers")
+        if r_max is None:
+            raise ValueError(f"{where} with 'values' needs 'r_max' (Å)")
+        n_bins = g.size if n_bins is None else _positive_int(n_bins, f"{where}.n_bins")
+        if n_bins != g.size:
+            raise ValueError(f"{where}: {g.size} values for n_bins {n_bins}")
+        r_max = _number(r_max, f"{where}.r_max", positive=True)
+    else:
+        path = ctx.base / str(spec["file"])
+        try:
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}.file: cannot read {path} as CSV r_A,g: {e}") from e
+        if table.shape[1] != 2 or table.shape[0] < 2:
+            raise ValueError(f"{where}.file: {path} must have two columns r_A,g and 2+ rows")
+        r, g_file = table[:, 0], table[:, 1]
+        width = r[1] - r[0]
+        if not (width > 0 and np.allclose(np.diff(r), width, rtol=1e-4, atol=1e-6)):
+            raise ValueError(f"{where}.file: the r_A column of {path} is not evenly spaced")
+        file_r_max = float(r[-1] + width / 2)
+        r_max = file_r_max if r_max is None else _number(r_max, f"{where}.r_max", positive=True)
+        n_bins = len(r) if n_bins is None else _positive_int(n_bins, f"{where}.n_bins")
+        centres = rdf_bin_centers(r_max, n_bins)
+        if centres.shape == r.shape and np.allclose(centres, r, rtol=0, atol=1e-6):
+            g = g_file
+        elif r_max <= file_r_max + 1e-6:
+            g = np.interp(centres, r, g_file)  # another binning: linear interpolation
+        else:
+            raise ValueError(
+                f"{where}: r_max {r_max} Å lies beyond the file's last bin ({file_r_max:.6g} Å)"
+            )
+    half = 0.5 * float(np.min(box))
+    if r_max > half + 1e-9:
+        raise ValueError(f"{where}: r_max {r_max} Å exceeds half the box ({half:.6g} Å)")
+    return Target(rdf(r_max, n_bins), g, _weight(spec, where))
+
+
+def _difftre_targets(spec: Any, sp: StatePoint, energy_fn, ctx: StageContext, where: str):
+    from celli_scale.train.difftre import Target, potential_energy, pressure
+
+    if isinstance(spec, dict) and "density" in spec:
+        raise ValueError(
+            f"{where}.density: the density is fixed by the state point's box in NVT "
+            "sampling (no gradient); choose the structure's cell instead"
+        )
+    spec = _check_keys(spec, set(TARGET_KEYS), where)
+    if not spec:
+        raise ValueError(f"{where} must name at least one target ({', '.join(TARGET_KEYS)})")
+    out = {}
+    for key, t in spec.items():
+        w = f"{where}.{key}"
+        if key == "rdf":
+            out[key] = _rdf_target(t, sp.box_lengths, ctx, w)
+            continue
+        t = _check_keys(t, TARGET_KEYS[key], w)
+        if "value" not in t:
+            raise ValueError(f"{w} needs 'value'")
+        value = _number(t["value"], f"{w}.value")
+        if key == "pressure":
+            unit = t.get("unit", "bar")
+            if unit not in PRESSURE_UNITS:
+                raise ValueError(f"{w}.unit {unit!r} unknown (known: {', '.join(PRESSURE_UNITS)})")
+            obs = pressure(energy_fn, unit=PRESSURE_UNITS[unit])
+        else:
+            obs = potential_energy(energy_fn, per_atom=True)
+        out[key] = Target(obs, value, _weight(t, w))
+    return out
+
+
+def _topdown_common(entry: Mapping[str, Any], ctx: StageContext, kind: str) -> dict[str, Any]:
+    """The settings shared by the top-down stages: optimizer (its schedule over the
+    stage's epochs), ESS threshold, seed, frame batch size and the MD sampler's settings
+    (``md`` and ``sampling``)."""
+    from celli_scale.md import MDConfig
+    from celli_scale.train.reweight import DEFAULT_ESS_THRESHOLD
+    from celli_scale.train.trainer import make_optimizer
+
+    where = f"{ctx.where} ({kind})"
+    opt = _check_keys(entry.get("optimizer", {}), OPT_KEYS, f"{where}.optimizer")
+    try:
+        tc = TrainConfig(
+            optimizer=str(opt.get("name", "adam")),
+            learning_rate=_number(opt.get("learning_rate", 1e-3), "learning_rate", True),
+            schedule=str(opt.get("schedule", "constant")),
+            final_lr_fraction=_number(opt.get("final_lr_fraction", 0.1), "final_lr_fraction"),
+        )
+        optimizer = make_optimizer(tc, ctx.epochs)  # one update per epoch
+    except ValueError as e:
+        raise ValueError(f"{where}.optimizer: {e}") from e
+    md = dict(
+        _check_keys(
+            entry.get("md", {}), {f.name for f in dataclasses.fields(MDConfig)}, f"{where}.md"
+        )
+    )
+    for k, src in MD_SET_BY_STAGE.items():
+        if k in md:
+            raise ValueError(f"{where}.md.{k} is set by {src}")
+    md.setdefault("ensemble", "langevin")
+    if md["ensemble"] == "nve":
+        raise ValueError(
+            f"{where}.md.ensemble: sampling needs a thermostat (langevin, nose_hoover)"
+        )
+    sampling = _check_keys(entry.get("sampling", {}), SAMPLING_KEYS, f"{where}.sampling")
+    n_eq = sampling.get("equilibration", 1000)
+    if isinstance(n_eq, bool) or not isinstance(n_eq, int) or n_eq < 0:
+        raise ValueError(f"{where}.sampling.equilibration must be an integer >= 0, got {n_eq!r}")
+    n_frames = _positive_int(sampling.get("frames", 100), f"{where}.sampling.frames")
+    if n_frames < 2:
+        raise ValueError(f"{where}.sampling.frames must be at least 2, got {n_frames}")
+    stride = _positive_int(sampling.get("stride", 10), f"{where}.sampling.stride")
+    try:
+        mdc = MDConfig(**md, every=stride)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}.md: {e}") from e
+    ess = _number(entry.get("ess_threshold", DEFAULT_ESS_THRESHOLD), f"{where}.ess_threshold")
+    if not 0 < ess <= 1:
+        raise ValueError(f"{where}.ess_threshold must lie in (0, 1], got {ess}")
+    seed = entry.get("seed", ctx.seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where}.seed must be an integer, got {seed!r}")
+    bs = entry.get("batch_size")
+    bs = None if bs is None else _positive_int(bs, f"{where}.batch_size")
+    sps = entry.get("state_points")
+    if not isinstance(sps, list) or not sps:
+        raise ValueError(f"{where} needs 'state_points': a non-empty list of mappings")
+    return {
+        "optimizer": optimizer,
+        "md": mdc,
+        "sampling": (n_eq, n_frames, stride),
+        "ess_threshold": ess,
+        "seed": seed,
+        "batch_size": bs,
+        "state_points": sps,
+    }
+
+
+def _energy_and_samplers(ctx: StageContext, systems: list, common: dict):
+    """One energy function for all state points (``structure=k`` picks state point
+    ``k``'s :func:`~celli_scale.md.potential_energy_fn`) and one MD sampler each
+    (:func:`~celli_scale.md.potential_sampler`)."""
+    from celli_scale.md import potential_energy_fn, potential_sampler
+
+    fns = [potential_energy_fn(ctx.pot, s) for s in systems]
+
+    def energy_fn(params, positions, box=None, structure=0, **unused):
+        return fns[structure](params, positions, box=box)
+
+    n_eq, n_frames, stride = common["sampling"]
+    samplers = [
+        potential_sampler(
+            ctx.pot, s, common["md"], n_equilibration=n_eq, n_frames=n_frames, stride=stride
+        )
+        for s in systems
+    ]
+    return energy_fn, samplers
+
+
+def build_difftre(entry: Mapping[str, Any], ctx: StageContext) -> Stage:
+    """A :class:`~celli_scale.train.difftre.DiffTRe` stage on the routine's Potential from
+    a routine config entry (keys: see the module docstring): one optimizer update per
+    epoch, the model sampled by :func:`celli_scale.md.potential_sampler`."""
+    from celli_scale.train.difftre import DiffTRe
+
+    entry = _check_keys(dict(entry), TOPDOWN_STAGE_KEYS, f"{ctx.where} (difftre)")
+    common = _topdown_common(entry, ctx, "difftre")
+    systems, sps, raw = [], [], []
+    for k, sp in enumerate(common["state_points"]):
+        where = f"{ctx.where}.state_points[{k}]"
+        sp = _check_keys(sp, DIFFTRE_SP_KEYS, where)
+        if "targets" not in sp:
+            raise ValueError(f"{where} needs 'targets' ({', '.join(TARGET_KEYS)})")
+        systems.append(_state_point_system(sp, ctx, where))
+        sps.append(_state_point(sp, systems[-1], k, where))
+        raw.append(sp)
+    energy_fn, samplers = _energy_and_samplers(ctx, systems, common)
+    targets = [
+        _difftre_targets(sp["targets"], p, energy_fn, ctx, f"{ctx.where}.state_points[{k}].targets")
+        for k, (sp, p) in enumerate(zip(raw, sps, strict=True))
+    ]
+    return DiffTRe(
+        energy_fn,
+        sps,
+        targets,
+        common["optimizer"],
+        samplers,
+        ess_threshold=common["ess_threshold"],
+        seed=common["seed"],
+        batch_size=common["batch_size"],
+        name=str(entry.get("name", "difftre")),
+    )
+
+
+def build_relative_entropy(entry: Mapping[str, Any], ctx: StageContext) -> Stage:
+    """A :class:`~celli_scale.train.relative_entropy.RelativeEntropy` stage on the
+    routine's Potential from a routine config entry (keys: see the module docstring)."""
+    from celli_scale import io
+    from celli_scale.train.relative_entropy import RelativeEntropy
+
+    entry = _check_keys(dict(entry), TOPDOWN_STAGE_KEYS, f"{ctx.where} (relative_entropy)")
+    common = _topdown_common(entry, ctx, "relative_entropy")
+    systems, sps, refs, weights = [], [], [], []
+    for k, sp in enumerate(common["state_points"]):
+        where = f"{ctx.where}.state_points[{k}]"
+        sp = _check_keys(sp, RE_SP_KEYS, where)
+        if "reference" not in sp:
+            raise ValueError(f"{where} needs 'reference' (a trajectory file)")
+        try:
+            frames = io.read(ctx.base / str(sp["reference"]))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}.reference: {e}") from e
+        if not frames:
+            raise ValueError(f"{where}.reference {sp['reference']} holds no frames")
+        system = _state_point_system(sp, ctx, where, default=frames[0].system)
+        for i, f in enumerate(frames):
+            s = f.system
+            same = (
+                s.n_atoms == system.n_atoms
+                and np.array_equal(np.asarray(s.species), np.asarray(system.species))
+                and s.periodic
+                and np.allclose(np.asarray(s.cell, float), np.asarray(system.cell, float))
+            )
+            if not same:
+                raise ValueError(
+                    f"{where}.reference: frame {i} differs from the structure in its atoms, "
+                    "species or cell"
+                )
+        systems.append(system)
+        sps.append(_state_point(sp, system, k, where))
+        refs.append(np.stack([np.asarray(f.system.positions, float) for f in frames]))
+        weights.append(_weight(sp, where))
+    energy_fn, samplers = _energy_and_samplers(ctx, systems, common)
+    return RelativeEntropy(
+        energy_fn,
+        sps,
+        refs,
+        common["optimizer"],
+        samplers,
+        ess_threshold=common["ess_threshold"],
+        seed=common["seed"],
+        batch_size=common["batch_size"],
+        weights=weights,
+        name=str(entry.get("name", "relative_entropy")),
+    )
+
+
+#: stage type -> builder; other trainers register here (``STAGE_BUILDERS["x"] = ...``).
+STAGE_BUILDERS: dict[str, StageBuilder] = {
+    "force_matching": build_force_matching,
+    "difftre": build_difftre,
+    "relative_entropy": build_relative_entropy,
+}
 
 
 def _positive_int(v: Any, what: str) -> int:

@@ -238,6 +238,20 @@ class DiffTRe(ReweightingTrainer):
         self.targets = [dict(t) for t in targets]
         self._value_and_grad = jax.jit(jax.value_and_grad(self._loss, has_aux=True))
 
+    def _extra_fingerprint(self) -> dict[str, Any]:
+        out = []
+        for tg in self.targets:
+            out.append(
+                {
+                    k: {
+                        "value": np.round(np.asarray(t.value, np.float64), 12).ravel().tolist(),
+                        "weight": float(t.weight),
+                    }
+                    for k, t in sorted(tg.items())
+                }
+            )
+        return {"targets": out}
+
     def _loss(self, params: Any, trajectories: Sequence[Trajectory]) -> tuple[jax.Array, dict]:
         total = jnp.zeros((), jnp.float64)
         ess, losses, predictions = [], [], []

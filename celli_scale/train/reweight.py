@@ -472,6 +472,37 @@ class ReweightingTrainer(abc.ABC):
         )
         self._update = jax.jit(self._apply_update)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed routine must share with the run that wrote its checkpoints: the
+        stage type and name, the state points (atoms, box, temperature, a hash of the
+        starting positions), the sampling threshold and seed, and (subclasses) the
+        targets. :class:`~celli_scale.train.routine.Routine` refuses checkpoints of another."""
+        import hashlib
+
+        sps = []
+        for sp in self.state_points:
+            h = hashlib.sha256(np.ascontiguousarray(sp.positions, np.float64).tobytes())
+            sps.append(
+                {
+                    "name": sp.name,
+                    "n_atoms": sp.n_atoms,
+                    "box": np.round(sp.box_lengths, 10).tolist(),
+                    "temperature": round(float(sp.temperature), 10),
+                    "positions_sha256": h.hexdigest()[:16],
+                }
+            )
+        return {
+            "type": type(self).__name__,
+            "name": getattr(self, "name", ""),
+            "state_points": sps,
+            "ess_threshold": self.ess_threshold,
+            "seed": self.seed,
+            **self._extra_fingerprint(),
+        }
+
+    def _extra_fingerprint(self) -> dict[str, Any]:
+        return {}
+
     # --- subclass hook -------------------------------------------------------------------
     @abc.abstractmethod
     def _compute(
