@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=MD_STEPS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-drift", action="store_true")
     ap.add_argument("--drift-grid", type=int, default=4)
     ap.add_argument("--drift-steps", type=int, default=2000)
     args = ap.parse_args()
@@ -165,6 +166,8 @@ def main() -> None:
     print(f"jax-md loop s/step: {t}; CG iterations/step: {q['cg_iterations']}")
     for k in ("celli cold", "celli warm", "celli xl"):
         print(f"  Qeq share ({k}): {1 - t['allegro'] / t[k]:.1%}")
+    if args.skip_drift:
+        return
     d = drift(args.drift_grid, args.drift_steps)
     print(f"NVE drift, CELLI float64, N = {args.drift_grid**3}, {args.drift_steps} steps: {d}")
 
