@@ -887,10 +887,11 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
     frames of ``system`` (same atoms, species and cell), as the reweighting trainers take
     it: a traced function of the parameters and positions (jit/vmap-able). Neighbor lists
     are built inside (a dense search over atoms and images, capacities from ``system``
-    with ``capacity_growth`` head-room); a frame with more pairs than that gets a NaN
-    energy (never a silently missing pair). ``box`` (side lengths of an orthorhombic cell,
-    within 5 % of the system's) replaces the cell, so that the trainers' pressure (a strain
-    of positions and box together) is the model's virial."""
+    with ``capacity_growth`` head-room); a frame with more pairs than that, or whose Qeq
+    solve (CELLI) missed its tolerance, gets a NaN energy (never a silently missing pair or
+    wrong charge; the trainers then stop with a FloatingPointError). ``box`` (side lengths
+    of an orthorhombic cell, within 5 % of the system's) replaces the cell, so that the
+    trainers' pressure (a strain of positions and box together) is the model's virial."""
     from celli_scale.neighbors import neighbor_list_fn
 
     # CELLI: electrostatics prepared for elec_sigma_max, any width training may reach
@@ -908,6 +909,8 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
         elec_fn = neighbor_list_fn(g0.elec_params.r_cut, n_el, cell, system.pbc)
     dtype = pot.config.jnp_dtype
     model = pot.model
+    qeq_tol = pot.qeq_tol
+    from celli_scale.qeq import RESIDUAL_SLACK
 
     orthorhombic = cell is not None and np.allclose(cell, np.diag(np.diag(cell)))
 
@@ -946,8 +949,12 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
                     n_pairs=e.n_pairs.astype(old.n_pairs.dtype),
                 )
             )
-        energy = model.apply(params, g).energy
-        return jnp.where(over, jnp.nan, energy)
+        out = model.apply(params, g)
+        bad = over
+        if qeq_tol is not None and out.qeq_residual is not None:
+            # a Qeq solve that missed its tolerance gives NaN, never a silently wrong energy
+            bad = bad | ~(out.qeq_residual <= RESIDUAL_SLACK * qeq_tol)
+        return jnp.where(bad, jnp.nan, out.energy)
 
     return energy_fn
 

@@ -345,3 +345,17 @@ def test_md_driven_by_a_sharded_potential(allegro, crystal):
     d = (res.frames[-1].positions - ref.frames[-1].positions) @ np.linalg.inv(crystal.cell)
     np.testing.assert_allclose(d - np.round(d), 0.0, atol=1e-8)
     np.testing.assert_allclose(res.conserved, ref.conserved, atol=1e-8)
+
+
+def test_potential_energy_fn_is_nan_for_an_unconverged_qeq(crystal):
+    """A Qeq solve that misses its tolerance (CG capped at one iteration) gives a NaN
+    energy in the reweighting energy function, not a wrong number; converged, it matches."""
+    from celli_scale.md import potential_energy_fn
+
+    base = {"name": "celli", "qeq_method": "cg", **SMALL}
+    capped = cs.Potential.from_config({**base, "qeq_maxiter": 1}, seed=0, example=crystal)
+    full = cs.Potential(cs.models.build({**base, "species": [11, 17]}), capped.params)
+    pos = np.asarray(crystal.positions)
+    assert np.isnan(float(potential_energy_fn(capped, crystal)(capped.params, pos)))
+    e = float(potential_energy_fn(full, crystal)(full.params, pos))
+    assert abs(e - float(full(crystal).energy)) < 1e-8

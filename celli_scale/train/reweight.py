@@ -597,7 +597,11 @@ class ReweightingTrainer(abc.ABC):
         new_params, opt_state, gnorm = self._update(grads, state["opt_state"], params)
         host = {k: float(v) for k, v in metrics.items()}
         if not all(math.isfinite(v) for v in host.values()) or not math.isfinite(float(gnorm)):
-            raise FloatingPointError(f"{self.name}: non-finite loss or gradient ({host})")
+            raise FloatingPointError(
+                f"{self.name}: non-finite loss or gradient ({host}); a NaN frame energy comes "
+                "from the energy function (for a Potential: a neighbor list overflow or a Qeq "
+                "solve that missed its tolerance, see celli_scale.md.potential_energy_fn)"
+            )
         new_state = {
             "params": new_params,
             "opt_state": opt_state,
