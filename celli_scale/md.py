@@ -248,7 +248,6 @@ class MD:
         self._blocks: dict[tuple, Any] = {}
         self._masses = masses
         self._verlet = None
-        self._key = _structure_key(system)
         #: a ShardedPotential (any potential without Potential's compiled Verlet kernel):
         #: steps advance on the host around its calls (it keeps its own lists, halo and
         #: Qeq warm start); the integrator halves are still compiled jax-md steps
@@ -318,16 +317,10 @@ class MD:
         return max(float(self.pot.capacity_growth), 1.1)
 
     # -- lists ----------------------------------------------------------------------------
-    def _host_lists(self, system: System, old: Any):
+    def _host_lists(self, system: System, old: Any, min_capacity: tuple[int, int] = (0, 0)):
         """Verlet lists (and electrostatics parameters) built on the host, as
         ``pot(system)`` builds them, with this run's skin."""
-        pot = self.pot
-        saved = pot.skin
-        try:
-            pot.skin = self.skin
-            st = pot._build_verlet(system, self._key, old)
-        finally:
-            pot.skin = saved
+        st = self.pot.verlet_state(system, old, skin=self.skin, min_capacity=min_capacity)
         self.stats["host_rebuilds"] += 1
         return st
 
@@ -762,23 +755,13 @@ class MD:
             self._grow_caps(np.asarray(aux["pack_counts"]))
             log.info("MD: packed pair capacities grown to %s; block redone", self._verlet.caps)
         if flags & (_EDGE_OVER | _STALE):
-            old = self._verlet
+            need = (0, 0)
             if flags & _EDGE_OVER:  # rebuilt with room for the pairs the loop found
                 self.stats["overflows"] += 1
-                need = np.ceil(np.asarray(aux["list_counts"]) * g).astype(int)
-                graph = old.graph.replace(
-                    senders=jnp.zeros(max(need[0], old.graph.senders.shape[0]), jnp.int32)
-                )
-                if old.graph.elec_neighbors is not None:
-                    en = old.graph.elec_neighbors
-                    cap = max(need[1], en.senders.shape[0])
-                    graph = graph.replace(
-                        elec_neighbors=en.replace(senders=jnp.zeros(cap, jnp.int32))
-                    )
-                old = dataclasses.replace(old, graph=graph)
-                log.info("MD: Verlet list capacities grown to %s; block redone", need.tolist())
+                need = tuple(int(n) for n in np.ceil(np.asarray(aux["list_counts"]) * g))
+                log.info("MD: Verlet list capacities grown to %s; block redone", list(need))
             system = self._system_at(np.asarray(self.state.position))
-            new = self._host_lists(system, old)
+            new = self._host_lists(system, self._verlet, min_capacity=need)
             new.charges = self._verlet.charges
             new.caps = tuple(max(a, b) for a, b in zip(new.caps, self._verlet.caps, strict=True))
             self._verlet = new
@@ -848,12 +831,6 @@ def _chain_energy(chain, dof: int, kT: float):
     return e
 
 
-def _structure_key(system: System) -> tuple:
-    from celli_scale.potential import structure_key
-
-    return structure_key(system)
-
-
 def _bar(total: int, progress: bool):
     if not progress:
         return None
@@ -895,7 +872,7 @@ def potential_energy_fn(pot: Any, system: System, *, capacity_growth: float = 1.
     from celli_scale.neighbors import neighbor_list_fn
 
     # CELLI: electrostatics prepared for elec_sigma_max, any width training may reach
-    elec = pot._elec_params(system) if pot.is_charge_model else None
+    elec = pot.elec_params(system) if pot.is_charge_model else None
     g0 = pot.graph(system, elec_params=elec)
     periodic = system.periodic
     cell = np.asarray(system.cell, float) if periodic else None

@@ -304,13 +304,13 @@ class Potential:
             from celli_scale.electrostatics.params import unify
 
             cells = [np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell) for s in systems]
-            elec = [self._elec_params(s, sigma_max=sigma_max) for s in systems]
+            elec = [self.elec_params(s, sigma_max=sigma_max) for s in systems]
             methods = {p.method for p in elec}
             if len(methods) > 1 and "direct" not in methods:
                 # "auto" picked Ewald for the small cells and PME for the large: all take
                 # the method of the largest structure
                 big = max(range(len(systems)), key=lambda i: systems[i].n_atoms)
-                elec = [self._elec_params(s, elec[big].method, sigma_max) for s in systems]
+                elec = [self.elec_params(s, elec[big].method, sigma_max) for s in systems]
             smax = getattr(self.config, "elec_sigma_max", None) if sigma_max is None else sigma_max
             elec = unify(elec, cells, float(smax or 0.0))
         pairs = zip(systems, elec, strict=True)
@@ -373,7 +373,7 @@ class Potential:
         elec_nl = None
         if self.is_charge_model:
             if elec_params is None:  # as pot(system) prepares them: for the current widths
-                elec_params = self._elec_params(system, sigma_max=self.sigma_bound())
+                elec_params = self.elec_params(system, sigma_max=self.sigma_bound())
             elec_nl = self._elec_neighbors(system, elec_params)
         return self._assemble(system, n_pad, nl, elec_params, elec_nl)
 
@@ -406,9 +406,13 @@ class Potential:
             periodic=system.periodic,
         )
 
-    def _elec_params(
+    def elec_params(
         self, system: System, method: str | None = None, sigma_max: float | None = None
     ):
+        """Electrostatics parameters of a charge model for ``system``
+        (:func:`celli_scale.electrostatics.prepare` at the model's method and accuracy),
+        the real-space cut-off sized for Gaussian widths up to ``sigma_max`` Å (default
+        ``elec_sigma_max``: any width training may reach)."""
         from celli_scale import electrostatics as el
 
         # Graphs for training serve any width the parameters may learn: the model caps them
@@ -469,7 +473,7 @@ class Potential:
             or np.max(np.sum((pos - st.reference) ** 2, axis=1), initial=0.0)
             >= (0.5 * self.skin) ** 2
         ):
-            st = self._verlet = self._build_verlet(system, key, st)
+            st = self._verlet = self.verlet_state(system, st)
             self.stats["rebuilds"] += 1
         dtype = self.config.jnp_dtype
         graph = st.graph.replace(
@@ -541,15 +545,29 @@ class Potential:
         self._chunked = (key, sp)
         return sp(system)
 
-    def _build_verlet(self, system: System, key: tuple, old: _VerletState | None):
-        skin = self.skin
+    def verlet_state(
+        self,
+        system: System,
+        old: _VerletState | None = None,
+        *,
+        skin: float | None = None,
+        min_capacity: tuple[int, int] = (0, 0),
+    ) -> _VerletState:
+        """What ``pot(system)`` keeps between calls, built on the host: Verlet lists to the
+        cut-offs plus ``skin`` Å (default :attr:`skin`), the electrostatics parameters
+        (kept from ``old`` while cell, atoms and widths are the same), the packed
+        capacities and the warm-start charges. The lists keep ``old``'s padded sizes for
+        the same structure, and hold at least ``min_capacity`` (model edges,
+        electrostatics pairs) slots (MD grows them after an overflow in its loop)."""
+        skin = self.skin if skin is None else float(skin)
+        key = structure_key(system)
         # the lists keep their padded sizes across rebuilds of one structure (a new size
         # would recompile the kernel at every rebuild)
         same = old is not None and old.key == key
         nl = neighbor_list(
             system,
             self.config.r_cut + skin,
-            capacity=old.graph.senders.shape[0] if same else None,
+            capacity=max(old.graph.senders.shape[0] if same else 0, min_capacity[0]) or None,
             growth=self.capacity_growth,
         )
         elec_params = elec_nl = None
@@ -565,14 +583,15 @@ class Potential:
                 elec_params = old.graph.elec_params  # same cell, atom count and widths
                 sigma = old.sigma
             else:
-                elec_params = self._elec_params(system, sigma_max=sigma)
+                elec_params = self.elec_params(system, sigma_max=sigma)
             if elec_params.periodic:
                 keep = same and old.graph.elec_neighbors is not None
                 keep = keep and elec_params is old.graph.elec_params
+                cap = old.graph.elec_neighbors.senders.shape[0] if keep else 0
                 elec_nl = neighbor_list(
                     system,
                     elec_params.r_cut + skin,
-                    capacity=old.graph.elec_neighbors.senders.shape[0] if keep else None,
+                    capacity=max(cap, min_capacity[1]) or None,
                     growth=self.capacity_growth,
                 )
                 counts.append(_pairs_within(system, elec_nl, elec_params.r_cut))
