@@ -37,6 +37,8 @@ import numpy as np
 
 from celli_scale import demo, md, run, study
 from celli_scale.datasets import cli as datasets_cli
+from celli_scale.distributed.multihost import DistributedSetupError
+from celli_scale.distributed.ray_launcher import WorkerTaskError
 from celli_scale.train import cli as train_cli
 
 logger = logging.getLogger(__name__)
@@ -160,9 +162,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     # User errors: bad or unreadable input (ValueError, OSError, the library's errors are
     # subclasses), a feature the input needs that is not implemented (e.g. electrostatics
-    # of a slab), not enough memory for what was asked. Programming errors keep their
+    # of a slab), not enough memory for what was asked, a cluster set-up that cannot work
+    # (no Ray token, no cluster at the address), a task that failed on a Ray worker
+    # (its message). Programming errors keep their
     # traceback; -vv logs the traceback of user errors too.
-    except (OSError, ValueError, CLIError, NotImplementedError, MemoryError) as e:
+    except (
+        OSError,
+        ValueError,
+        CLIError,
+        NotImplementedError,
+        MemoryError,
+        DistributedSetupError,
+        WorkerTaskError,
+    ) as e:
         logger.debug("%s failed", args.command, exc_info=True)
         msg = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, MemoryError):

@@ -676,13 +676,21 @@ class Potential:
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
+        # With several jax.distributed processes every one calls save (orbax's save is a
+        # collective; its primary process writes) and process 0 writes the JSON files.
+        leader = jax.process_index() == 0
         path.mkdir(parents=True, exist_ok=True)
-        # a save interrupted from here on leaves no manifest, so load refuses it clearly
-        (path / MANIFEST_FILE).unlink(missing_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        if leader:
+            # a save interrupted from here on leaves no manifest, so load refuses it clearly
+            (path / MANIFEST_FILE).unlink(missing_ok=True)
+            (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        from celli_scale.train.checkpoint import savable
+
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(path / PARAMS_DIR, self.params, force=True)
+        ckpt.save(path / PARAMS_DIR, savable(self.params), force=True)
         ckpt.wait_until_finished()
+        if not leader:
+            return
         manifest = {"format": SAVE_FORMAT, "sha256": _hash_files(path)}
         tmp = path / f".{MANIFEST_FILE}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -78,29 +78,30 @@ def host_device_env(devices: int, base: Mapping[str, str] | None = None) -> dict
 
 
 def initialize_loopback(
-    coordinator_address: str, num_processes: int, process_id: int, timeout_s: int = 120
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    timeout_s: float | None = None,
 ) -> None:
-    """``jax.distributed.initialize`` with the coordinator bound to ``coordinator_address``
-    (which must be on loopback) and gloo CPU collectives bound to 127.0.0.1
-    (:func:`pin_gloo_to`), so that nothing of the run listens off loopback. Call it before
-    anything touches a JAX backend.
+    """Join a multi-process run whose coordinator is on loopback: the local case of
+    :func:`celli_scale.distributed.multihost.initialize` (coordinator bound to its
+    address, gloo collectives to 127.0.0.1, a bad set-up reported within ``timeout_s``).
+    Call it before anything touches a JAX backend.
 
     Raises:
       ValueError: the address is not a loopback ``host:port``.
     """
     if not is_loopback(coordinator_address):
         raise ValueError(f"refusing a coordinator off loopback: {coordinator_address}")
-    import jax
+    from celli_scale.distributed import multihost
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=int(num_processes),
-        process_id=int(process_id),
-        coordinator_bind_address=coordinator_address,
-        initialization_timeout=int(timeout_s),
+    multihost.initialize(
+        coordinator_address,
+        int(num_processes),
+        int(process_id),
+        timeout_s=timeout_s,
+        require_loopback=True,
     )
-    pin_gloo_to(LOOPBACK)
 
 
 def pin_gloo_to(hostname: str) -> None:
@@ -203,6 +204,17 @@ def listening_addresses(pid: int | str = "self") -> list[str]:
                 inodes.add(link[8:-1])
     except OSError:
         return []
+    return _listeners(pid, inodes)
+
+
+def all_listening_addresses() -> list[str]:
+    """``"ip:port"`` of every TCP socket anything in this network namespace listens on
+    (``ss -ltn``), so that a test can compare the listeners before and after it started
+    a cluster whose processes it does not own (Ray's raylets, GCS, workers)."""
+    return _listeners("self", None)
+
+
+def _listeners(pid: int | str, inodes: set[str] | None) -> list[str]:
     found = []
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -212,7 +224,7 @@ def listening_addresses(pid: int | str = "self") -> list[str]:
             continue
         for line in lines:
             cols = line.split()
-            if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+            if cols[3] != "0A" or (inodes is not None and cols[9] not in inodes):  # 0A: LISTEN
                 continue
             hex_ip, hex_port = cols[1].split(":")
             raw = bytes.fromhex(hex_ip)
@@ -464,6 +476,7 @@ __all__ = [
     "HOST_DEVICE_FLAG",
     "LOOPBACK",
     "GroupResult",
+    "all_listening_addresses",
     "distributed_env",
     "free_loopback_port",
     "host_device_env",

@@ -21,6 +21,23 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+#: Functions called with the step after every completed :meth:`Checkpoints.save` (the
+#: Ray launcher's fault injection uses it to kill a worker right after a checkpoint).
+AFTER_SAVE_HOOKS: list = []
+
+
+def savable(tree: Any) -> Any:
+    """``tree`` as orbax saves it in this run: unchanged for one process; with several
+    (``jax.distributed``) every array as a NumPy array. The training state is replicated
+    (every process holds the same values), and orbax refuses arrays that live on one
+    process's device only (a step counter, parameters before the first update)."""
+    if jax.process_count() == 1:
+        return tree
+    from celli_scale.distributed.multihost import to_host
+
+    return jax.tree_util.tree_map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, tree)
+
+
 class Checkpoints:
     """``save(step, state)`` / ``restore(target) -> state | None`` under ``directory``."""
 
@@ -35,13 +52,15 @@ class Checkpoints:
         """Save ``state`` as ``step`` (a step already saved is kept as it is)."""
         if int(step) in self.manager.all_steps():
             return
-        self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        self.manager.save(int(step), args=ocp.args.StandardSave(savable(state)), force=True)
         self.manager.wait_until_finished()
+        for hook in AFTER_SAVE_HOOKS:
+            hook(int(step))
 
     def restore(self, target: Any) -> Any | None:
         """The newest readable state shaped like ``target``, or None when there is none."""
         self.manager.reload()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, savable(target))
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -81,7 +100,7 @@ class BestCheckpoint:
             return
         self.manager.save(
             int(step),
-            args=ocp.args.StandardSave(params),
+            args=ocp.args.StandardSave(savable(params)),
             metrics={"valid_loss": float(valid_loss)},
             force=True,
         )
@@ -92,7 +111,7 @@ class BestCheckpoint:
         step = self.manager.best_step()
         if step is None:
             return None
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, savable(target))
         return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:

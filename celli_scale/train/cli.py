@@ -102,6 +102,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ase import units as ase_units
 
+from celli_scale.distributed import multihost, ray_launcher
 from celli_scale.train.routine import Routine, Stage
 from celli_scale.train.trainer import ForceMatching, LossWeights, TrainConfig
 
@@ -736,6 +737,7 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("config", help="YAML training config")
+    ray_launcher.add_cluster_arguments(p)
     p.set_defaults(command="train")
     q = sub.add_parser(
         "evaluate",
@@ -752,10 +754,51 @@ def main(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         cfg = load_yaml(args.config)
+        ray_opts = ray_launcher.cluster_options(args)
+        if ray_opts is not None:
+            return train_on_ray(cfg, Path.cwd(), ray_opts)
+        # under srun (or a launcher's environment) every process joins one run here
+        multihost.initialize()
         out = train_from_config(cfg)
-        print(f"model written to {out / 'model'}")
+        if multihost.is_leader():
+            print(f"model written to {out / 'model'}")
         return 0
     return evaluate_main(args)
+
+
+def ray_train_task(payload: dict) -> dict:
+    """A Ray worker's body (:func:`celli_scale.distributed.ray_launcher.run_on_ray`): the
+    training config ``payload["config"]`` with paths relative to ``payload["base"]``,
+    data-parallel over the run's processes; resumes from ``out/checkpoints``."""
+    import jax
+
+    cfg, base = payload["config"], Path(payload["base"])
+    out = Path(cfg["out"]) if isinstance(cfg, dict) and "out" in cfg else None
+    resumed = None
+    if out is not None:  # the checkpoint this attempt starts from (None: a fresh start)
+        ck = (out if out.is_absolute() else base / out) / "checkpoints"
+        steps = [int(d.name) for d in ck.iterdir() if d.name.isdigit()] if ck.is_dir() else []
+        resumed = max(steps, default=None)
+    out = train_from_config(cfg, base)
+    return {"out": str(out), "process": int(jax.process_index()), "resumed_from": resumed}
+
+
+def train_on_ray(cfg: Any, base: Path, ray_opts: dict, **kw: Any) -> int:
+    """``celli-scale train --ray-address ...``: the training on Ray workers (restarted
+    from the last checkpoint when one dies); prints where the model is."""
+    res = ray_launcher.run_on_ray(
+        "celli_scale.train.cli:ray_train_task",
+        {"config": cfg, "base": str(base.absolute())},
+        **ray_opts,
+        **kw,
+    )
+    out = Path(res.results[0]["out"])
+    restarts = f", {res.restarts} restart(s): {'; '.join(res.failures)}" if res.restarts else ""
+    print(
+        f"model written to {out / 'model'} ({len(res.results)} Ray worker(s), "
+        f"start-up {res.startup_s:.1f} s, {res.seconds:.1f} s in all{restarts})"
+    )
+    return 0
 
 
 def evaluate_main(args: argparse.Namespace) -> int:

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax_md import space
 
 from celli_scale.train.reweight import (
     DEFAULT_ESS_THRESHOLD,
@@ -124,6 +123,8 @@ def rdf(r_max: float, n_bins: int) -> Observable:
             )
         n = positions.shape[0]
         i, j = np.triu_indices(n, 1)
+        from jax_md import space  # on use: importing jax_md starts a JAX backend
+
         displacement, _ = space.periodic(jnp.asarray(state_point.box))
         r = space.distance(jax.vmap(displacement)(positions[i], positions[j]))
         r = jax.lax.stop_gradient(r)

@@ -56,8 +56,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax_md import energy as jmd_energy
-from jax_md import simulate, space
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -179,6 +177,9 @@ def pair_energy_fn(
     r_onset = 0.9 * r_cutoff if r_onset is None else float(r_onset)
     if not 0 < r_onset < r_cutoff:
         raise ValueError(f"need 0 < r_onset < r_cutoff, got {r_onset} and {r_cutoff}")
+    from jax_md import energy as jmd_energy
+    from jax_md import space
+
     switched = jmd_energy.multiplicative_isotropic_cutoff(pair_fn, r_onset, r_cutoff)
 
     def energy_fn(params: Any, positions: jax.Array, box: Any, **unused: Any) -> jax.Array:
@@ -315,6 +316,8 @@ class LangevinSampler:
         return self.config.n_frames
 
     def _simulate(self, params, key, positions, box, kT, masses, energy_kwargs, initial):
+        from jax_md import simulate, space
+
         cfg = self.config
         _, shift_fn = space.periodic(box)
 
@@ -347,8 +350,8 @@ class LangevinSampler:
         params: Any,
         key: jax.Array,
         state_point: StatePoint,
-        initial: simulate.NVTLangevinState | None = None,
-    ) -> tuple[jax.Array, simulate.NVTLangevinState]:
+        initial: Any | None = None,
+    ) -> tuple[jax.Array, Any]:
         """Sample ``state_point``; returns frames ``(n_frames, N, 3)`` (Å) and the final
         jax-md ``NVTLangevinState``.
 

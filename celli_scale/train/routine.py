@@ -53,6 +53,8 @@ from typing import Any, Protocol, runtime_checkable
 import jax.numpy as jnp
 import numpy as np
 
+from celli_scale.distributed import multihost
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Interleave", "Routine", "Stage", "Turn"]
@@ -310,11 +312,14 @@ class Routine:
                 state = restored
                 log.info("routine resumed after epoch %d", int(state["cursor"]["epoch"]))
         done = int(state["cursor"]["epoch"])
-        if self.metrics_csv is not None:
+        leader = multihost.is_leader()  # process 0 shows progress and writes metrics
+        if self.metrics_csv is not None and leader:
             _trim_csv(self.metrics_csv, done)
         end = self.total_epochs if stop_after is None else min(int(stop_after), self.total_epochs)
         t0 = time.monotonic()
-        bar = tqdm(total=self.total_epochs, initial=done, disable=not progress, desc="routine")
+        bar = tqdm(
+            total=self.total_epochs, initial=done, disable=not (progress and leader), desc="routine"
+        )
         try:
             while done < end:
                 t, e = self.locate(done)
@@ -337,7 +342,7 @@ class Routine:
                 }
                 row = self._row(done, turn, metrics, t0)
                 self.history.append(row)
-                if self.metrics_csv is not None:
+                if self.metrics_csv is not None and leader:
                     _append_csv(self.metrics_csv, row)
                 if ckpt is not None:
                     ckpt.save(done, state)
@@ -390,7 +395,8 @@ class Routine:
                     f"({'; '.join(diff)} differ): resuming would continue that routine. Use "
                     "another checkpoint directory or remove it"
                 )
-        path.write_text(json.dumps(now, indent=2))
+        if multihost.is_leader():  # one writer; atomic, as others may be reading it
+            multihost.write_text_atomic(path, json.dumps(now, indent=2))
 
 
 def _turns_text(turns: Any) -> str:

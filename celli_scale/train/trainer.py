@@ -31,6 +31,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from celli_scale.distributed import multihost
 from celli_scale.distributed.data_parallel import BATCH_AXIS, batch_mesh
 from celli_scale.train.loss import TARGETS, predict, squared_errors
 
@@ -271,7 +272,8 @@ class ForceMatching:
         dtype = pot.config.jnp_dtype
         self.train = Dataset(train, graphs[: len(train)], dtype)
         self.valid = Dataset(valid, graphs[len(train) :], dtype) if valid else None
-        self.devices = config.devices or jax.local_device_count()
+        # every process's devices (jax.distributed): one data-parallel step for the run
+        self.devices = config.devices or jax.device_count()
         self.batch_size = -(-config.batch_size // self.devices) * self.devices
         self.steps_per_epoch = -(-len(self.train) // config.batch_size)
         self.stress = (
@@ -327,10 +329,20 @@ class ForceMatching:
         self.loss_and_grad = jax.jit(grad_fn)
 
     def device_batch(self, ds: Dataset, idx: Sequence[int]) -> tuple[Any, dict, dict]:
+        """The batch of structures ``idx`` on the devices: each process stacks only the
+        rows its devices hold (:func:`~celli_scale.distributed.multihost.process_rows`);
+        the loss normalisers come from the labels of the whole batch."""
         graphs, labels = ds.batch(idx, self.batch_size)
         norms = normalisers(labels)
-        graphs = jax.device_put(graphs, self.sharding)
-        labels = jax.device_put(labels, self.sharding)
+        if jax.process_count() == 1:
+            return (
+                jax.device_put(graphs, self.sharding),
+                jax.device_put(labels, self.sharding),
+                norms,
+            )
+        rows = multihost.process_rows(self.batch_size, self.sharding)
+        mine = jax.tree_util.tree_map(lambda x: x[rows], (graphs, labels))
+        graphs, labels = multihost.from_process_rows(mine, self.batch_size, self.sharding)
         return graphs, labels, norms
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -448,10 +460,16 @@ class ForceMatching:
         spe = self.steps_per_epoch
         every = cfg.checkpoint_every or spe
         t0 = time.monotonic()
-        bar = tqdm(total=cfg.max_epochs * spe, initial=int(state["step"]), disable=not cfg.progress)
+        leader = multihost.is_leader()  # process 0 shows progress and writes metrics
+        bar = tqdm(
+            total=cfg.max_epochs * spe,
+            initial=int(state["step"]),
+            disable=not (cfg.progress and leader),
+        )
 
         def timed_out() -> bool:
-            return (time.monotonic() - t0) / 60 > cfg.max_minutes
+            # process 0's clock decides for every process: they must stop at one step
+            return multihost.agree((time.monotonic() - t0) / 60 > cfg.max_minutes)
 
         def on_step(st: dict, loss: float) -> bool:
             step = int(st["step"])
@@ -471,7 +489,8 @@ class ForceMatching:
             if out is not None:
                 if float(state["best_loss"]) < best_before:
                     best_ckpt.save(step, state["params"], row["valid_loss"])
-                _append_csv(out / "metrics.csv", row)
+                if leader:
+                    _append_csv(out / "metrics.csv", row)
             if ckpt is not None and step % every == 0:
                 ckpt.save(step, state)
             p = cfg.patience
@@ -528,7 +547,8 @@ class ForceMatching:
                     "would continue that run. Use another output directory or remove "
                     f"{ckpts}"
                 )
-        path.write_text(json.dumps(now, indent=2))
+        if multihost.is_leader():  # one writer; atomic, as others may be reading it
+            multihost.write_text_atomic(path, json.dumps(now, indent=2))
 
     def _end_epoch(self, state, epoch, acc, t0=None) -> tuple[dict, dict[str, float]]:
         vloss, verrs = self.validate(state["params"])
