@@ -192,3 +192,28 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(cluster, tmp_path):
         int(d.name) for d in (runs["killed"][0] / "checkpoints").iterdir() if d.name.isdigit()
     )
     assert steps[-1] == 6
+
+
+@pytest.mark.slow
+def test_scaling_study_on_ray_workers_matches_local(cluster, tmp_path):
+    """``celli-scale scale --ray-address``: a 2-process point as a Ray worker group gives
+    the energies of the same point run by the local launcher."""
+    import csv
+
+    import yaml
+
+    from celli_scale.study import run
+    from tests.test_study import TINY, _tiny_spec
+
+    d = yaml.safe_load(TINY.read_text())
+    cfg = {**d, "models": ["allegro"], "sizes": [2], "devices": [1], "processes": [2]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [PY, "-m", "celli_scale.cli", "scale", str(tmp_path / "s.yaml")]
+    cmd += ["--out", str(tmp_path / "out"), "--ray-address", cluster]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "out" / "results.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "ok" and int(row["processes"]) == 2 and int(row["workers"]) == 2
+    (local,) = run.run_points(_tiny_spec(processes=2), timeout_s=600)
+    assert float(row["energy_sum"]) == pytest.approx(local["energy_sum"], rel=1e-6)

@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from celli_scale.distributed import ray_launcher
 from celli_scale.study.config import StudyConfig, load_config
 from celli_scale.study.report import ok_rows
 from celli_scale.study.run import run_study
@@ -39,13 +40,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument("config", help="YAML study config (e.g. bench/configs/scale_tiny.yaml)")
     p.add_argument("--out", default="out/scale", help="output directory (default: out/scale)")
+    # each (processes) point becomes a Ray worker group of that many workers
+    ray_launcher.add_cluster_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the study of ``args.config`` into ``args.out``; print a one-line summary."""
     cfg = load_config(args.config)
     out = Path(getattr(args, "out", "out/scale"))
-    rows = run_study(cfg, out)
+    ray_opts = ray_launcher.cluster_options(args)
+    if ray_opts is not None:
+        ray_opts.pop("num_workers")
+        if args.num_workers is not None:
+            raise ValueError(
+                "celli-scale scale takes its process counts from the config's 'processes'; "
+                "drop --num-workers"
+            )
+        ray_launcher.connect(ray_opts["address"])  # fail fast, before the sweep
+    rows = run_study(cfg, out, ray=ray_opts)
     ok = ok_rows(rows)
     print(
         f"{len(ok)}/{len(rows)} points ok; wrote {out / 'results.csv'}, "

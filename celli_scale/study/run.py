@@ -118,10 +118,19 @@ def measure_point(
     }
 
 
-def worker(spec: dict[str, Any]) -> None:
+def ray_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Ray worker's body (:func:`celli_scale.distributed.ray_launcher.run_on_ray`, the
+    run already joined): :func:`worker`, returning process 0's rows (others: none)."""
+    rows: list[dict[str, Any]] = []
+    worker(spec, rows.append)
+    return rows
+
+
+def worker(spec: dict[str, Any], on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Subprocess body: one model and device/process count, all sizes in increasing
     order; process 0 writes each result to stdout as one :data:`ROW_TAG` JSON line as
-    soon as it is measured. A size that does not fit stops the larger ones."""
+    soon as it is measured (or hands it to ``on_row``). A size that does not fit stops the
+    larger ones."""
     launch.init_from_env()
     import jax
 
@@ -148,6 +157,9 @@ def worker(spec: dict[str, Any]) -> None:
         row["status"] = " ".join(str(row.get("status", "")).split())[:400]  # one CSV line
         if processes > 1:
             row["listening"] = launch.listening_addresses()
+        if on_row is not None:
+            on_row({**base, **row})
+            return
         sys.stdout.write(ROW_TAG + json.dumps({**base, **row}) + "\n")
         sys.stdout.flush()
 
@@ -186,7 +198,7 @@ def worker(spec: dict[str, Any]) -> None:
             log.exception("model %s n=%d failed", spec["model"], n)
             row = {"n_grid": n, "n_atoms": n**3, "status": f"error: {type(e).__name__}: {e}"}
         emit(row)
-    if processes > 1:
+    if processes > 1 and on_row is None:  # under Ray the launcher leaves the run
         jax.distributed.shutdown()
 
 
@@ -205,6 +217,7 @@ def run_points(
     spec: dict[str, Any],
     timeout_s: float = 3600.0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    ray: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run :func:`worker` for ``spec`` in ``spec['processes']`` (default 1) subprocesses
     with ``spec['devices']`` host devices each; return the rows of process 0 (a row per
@@ -217,6 +230,8 @@ def run_points(
     """
     processes = int(spec.get("processes", 1))
     spec = {**spec, "processes": processes}
+    if ray is not None:
+        return _run_points_ray(spec, timeout_s, on_row, ray)
     rows: list[dict[str, Any]] = []
 
     def on_line(line: str) -> None:
@@ -265,6 +280,44 @@ def run_points(
     return rows
 
 
+def _run_points_ray(
+    spec: dict[str, Any],
+    timeout_s: float,
+    on_row: Callable[[dict[str, Any]], None] | None,
+    ray: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """:func:`run_points` on a Ray worker group of ``spec['processes']`` workers; a
+    failed group gives every size a row saying why."""
+    from celli_scale.distributed.ray_launcher import run_on_ray
+
+    opts = {k: v for k, v in ray.items() if k != "num_workers"}
+    try:
+        res = run_on_ray(
+            "celli_scale.study.run:ray_worker",
+            spec,
+            num_workers=spec["processes"],
+            devices_per_worker=spec["devices"],
+            timeout_s=timeout_s,
+            **opts,
+        )
+        rows = list(res.results[0])
+        why = ""
+    except Exception as e:  # noqa: BLE001 - reported in the rows, the sweep goes on
+        rows, why = [], f"Ray worker group failed: {type(e).__name__}: {e}"
+    for row in rows:
+        if on_row is not None:
+            on_row(row)
+    done = {r["n_grid"] for r in rows}
+    for n in sorted(spec["sizes"]):
+        if n not in done:
+            row = {k: spec[k] for k in ("model", "dtype", "devices", "processes", "batch")}
+            row.update(n_grid=n, n_atoms=n**3, status=why or "missing")
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
 def point_spec(cfg: StudyConfig, model: str, processes: int, devices: int) -> dict[str, Any]:
     """The JSON spec a worker runs: ``model`` on ``processes × devices`` workers."""
     return {
@@ -284,10 +337,17 @@ def point_spec(cfg: StudyConfig, model: str, processes: int, devices: int) -> di
 
 
 def run_study(
-    config: dict[str, Any] | StudyConfig, out_dir: str | os.PathLike, *, progress: bool = True
+    config: dict[str, Any] | StudyConfig,
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    ray: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the sweep models × sizes × processes × devices and write the outputs into
-    ``out_dir`` (:func:`celli_scale.study.report.write_report`).
+    ``out_dir`` (:func:`celli_scale.study.report.write_report`). With ``ray``
+    (:func:`celli_scale.distributed.ray_launcher.run_on_ray` options: ``address``,
+    ``cpus_per_worker``, ``max_restarts``) each point's processes are Ray workers instead
+    of local subprocesses.
 
     Returns the rows of ``results.csv`` as a list of dicts (ordered by model, processes,
     devices, size); a point that did not run has ``status`` saying why and NaN timings.
@@ -310,7 +370,8 @@ def run_study(
 
     for model in cfg.models:
         for processes, devices in layouts:
-            got = run_points(point_spec(cfg, model, processes, devices), cfg.timeout_s, on_row)
+            spec = point_spec(cfg, model, processes, devices)
+            got = run_points(spec, cfg.timeout_s, on_row, ray=ray)
             rows.extend(report.complete_row(r) for r in sorted(got, key=lambda r: r["n_grid"]))
             report.write_csv(rows, out / "results.csv")  # partial results survive an interrupt
     bar.close()
