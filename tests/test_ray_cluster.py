@@ -8,10 +8,6 @@ loopback."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import select
-import signal
 import subprocess
 import sys
 import time
@@ -30,28 +26,6 @@ from tests.test_multihost import labelled, train_config
 pytest.importorskip("ray", reason="the [cluster] extra (ray) is not installed")
 
 PY = sys.executable
-ROOT = Path(__file__).resolve().parents[1]
-
-# Ray reads its configuration (RAY_AUTH_MODE among it) when it is imported, so the cluster
-# and the driver run in their own processes with this environment.
-CLUSTER_ENV = {
-    "RAY_AUTH_MODE": "token",
-    "RAY_AUTH_TOKEN": secrets.token_hex(16),
-    # keeps every node of a one-machine cluster on 127.0.0.1 (DESIGN.md, Safety)
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-_HOST = """
-import json, sys
-from ray.cluster_utils import Cluster
-c = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-c.wait_for_nodes()
-print(json.dumps({"address": c.address}), flush=True)
-sys.stdin.read()  # until the test closes it
-c.shutdown()
-"""
 
 _DRIVER = """
 import json, sys
@@ -67,40 +41,16 @@ print("RESULT " + json.dumps({"results": res.results, "workers": res.workers,
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, **CLUSTER_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """Two Ray nodes (1 CPU each) on 127.0.0.1 with token authentication, in a process of
-    their own; yields the address; afterwards checks that nothing started while it ran
-    listened off loopback."""
+    their own (Ray reads RAY_AUTH_MODE when it is imported: the cluster and the drivers
+    run with their own environment); yields ``(address, env)``; afterwards checks that
+    nothing started while it ran listened off loopback."""
     before = set(launch.all_listening_addresses())
-    host = subprocess.Popen(
-        [PY, "-c", _HOST],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
-    )
-    try:
-        ready, _, _ = select.select([host.stdout], [], [], 120)
-        assert ready, "the Ray cluster did not start within 120 s"
-        line = host.stdout.readline()
-        assert line, f"the Ray cluster process ended (status {host.poll()})"
-        yield json.loads(line)["address"]
+    with ray_launcher.local_cluster(nodes=2, cpus_per_node=1) as (address, env):
+        yield address, env
         new = set(launch.all_listening_addresses()) - before
-    finally:
-        host.stdin.close()
-        try:
-            host.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(host.pid, signal.SIGKILL)
-            host.wait()
     off = [a for a in new if not launch.is_loopback(a)]
     assert not off, f"listening off loopback: {off}"
 
@@ -146,10 +96,11 @@ def _params(out: Path):
     return jax.tree_util.tree_leaves(cs.Potential.load(out / "model").params)
 
 
-def _drive(address: str, cfg: Path, base: Path, fault: dict | None) -> dict:
+def _drive(cluster, cfg: Path, base: Path, fault: dict | None) -> dict:
+    address, env = cluster
     arg = json.dumps({"address": address, "config": str(cfg), "base": str(base), "fault": fault})
     r = subprocess.run(
-        [PY, "-c", _DRIVER, arg], capture_output=True, text=True, env=_env(), timeout=600
+        [PY, "-c", _DRIVER, arg], capture_output=True, text=True, env=env, timeout=600
     )
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stderr[-3000:]
@@ -209,8 +160,8 @@ def test_scaling_study_on_ray_workers_matches_local(cluster, tmp_path):
     cfg = {**d, "models": ["allegro"], "sizes": [2], "devices": [1], "processes": [2]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [PY, "-m", "celli_scale.cli", "scale", str(tmp_path / "s.yaml")]
-    cmd += ["--out", str(tmp_path / "out"), "--ray-address", cluster]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    cmd += ["--out", str(tmp_path / "out"), "--ray-address", cluster[0]]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=cluster[1], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv") as fh:
         (row,) = list(csv.DictReader(fh))

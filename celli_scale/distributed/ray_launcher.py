@@ -29,7 +29,9 @@ run starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
 import os
 import socket
@@ -484,6 +486,86 @@ def cluster_options(args: Any) -> dict[str, Any] | None:
     }
 
 
+# --------------------------------------------------------------------------------------
+# a simulated cluster on this machine
+# --------------------------------------------------------------------------------------
+_LOCAL_CLUSTER = """
+import json, sys
+from ray.cluster_utils import Cluster
+nodes, cpus = int(sys.argv[1]), float(sys.argv[2])
+c = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+for _ in range(nodes - 1):
+    c.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
+c.wait_for_nodes()
+print(json.dumps({"address": c.address}), flush=True)
+sys.stdin.read()  # until the owner closes it
+c.shutdown()
+"""
+
+
+def local_cluster_env(token: str | None = None) -> dict[str, str]:
+    """The environment of a Ray cluster on 127.0.0.1 and of its drivers: token
+    authentication with ``token`` (default: a new random one), nodes kept on loopback
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see DESIGN.md, Safety), and this checkout
+    on ``PYTHONPATH``."""
+    import secrets
+
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = token or secrets.token_hex(16)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [checkout_root()] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    return env
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int = 2, cpus_per_node: float = 1, timeout_s: float = 120):
+    """A Ray cluster of ``nodes`` nodes on 127.0.0.1 (``ray.cluster_utils.Cluster`` in a
+    process of its own: Ray reads its configuration when imported, so the cluster and its
+    drivers get :func:`local_cluster_env` from the start). Yields ``(address, env)``: run
+    drivers with ``env``. The cluster is shut down on exit.
+
+    Raises:
+      ClusterSetupError: Ray missing, or the cluster did not start within ``timeout_s``.
+    """
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    require_ray()
+    env = local_cluster_env()
+    host = subprocess.Popen(
+        [sys.executable, "-c", _LOCAL_CLUSTER, str(int(nodes)), str(float(cpus_per_node))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        ready, _, _ = select.select([host.stdout], [], [], timeout_s)
+        line = host.stdout.readline() if ready else ""
+        if not line:
+            raise ClusterSetupError(
+                f"the local Ray cluster did not start within {timeout_s:.0f} s "
+                f"(status {host.poll()})"
+            )
+        yield json.loads(line)["address"], env
+    finally:
+        with contextlib.suppress(OSError):
+            host.stdin.close()
+        try:
+            host.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(host.pid, signal.SIGKILL)
+            host.wait()
+
+
 __all__ = [
     "RAY_MISSING",
     "ClusterSetupError",
@@ -494,6 +576,8 @@ __all__ = [
     "check_reachable",
     "check_token_auth",
     "connect",
+    "local_cluster",
+    "local_cluster_env",
     "require_ray",
     "resolve_task",
     "run_on_ray",
