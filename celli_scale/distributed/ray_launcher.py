@@ -453,6 +453,9 @@ def add_cluster_arguments(p: Any) -> None:
     )
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker")
     g.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per worker (1: one per GPU)"
+    )
+    g.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -482,6 +485,7 @@ def cluster_options(args: Any) -> dict[str, Any] | None:
         "address": address,
         "num_workers": 1 if n is None else int(n),
         "cpus_per_worker": float(args.cpus_per_worker),
+        "gpus_per_worker": float(args.gpus_per_worker),
         "max_restarts": int(args.max_restarts),
     }
 

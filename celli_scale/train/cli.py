@@ -759,6 +759,7 @@ def main(args: argparse.Namespace) -> int:
             return train_on_ray(cfg, Path.cwd(), ray_opts)
         # under srun (or a launcher's environment) every process joins one run here
         multihost.initialize()
+        multihost.quiet_unless_leader()
         out = train_from_config(cfg)
         if multihost.is_leader():
             print(f"model written to {out / 'model'}")
