@@ -740,7 +740,14 @@ class Potential:
             raise SavedModelError(f"{cfg_file}: {exc}") from None
         pot = cls(model, None, **kwargs)
         graph = pot.graph(_dummy_system(pot.config))
-        target = jax.eval_shape(model.init, jax.random.PRNGKey(0), graph)
+        # on this process's first device: in a multi-process run every process loads its
+        # own copy (a checkpoint saved by process 0 would otherwise be restored onto
+        # process 0's device topology, which other processes cannot address)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
+            jax.eval_shape(model.init, jax.random.PRNGKey(0), graph),
+        )
         params_dir = path / PARAMS_DIR
         if not params_dir.is_dir():
             raise SavedModelError(f"{path}: not a saved potential (missing {PARAMS_DIR}/)")

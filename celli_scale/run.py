@@ -18,6 +18,12 @@ The flag only concerns JAX's CPU backend: on a GPU (or another platform) the dev
 are used, and too few is an error. When JAX's backend already started with too few CPU
 devices (something initialised it before the command ran), a ``celli-scale`` process
 re-executes itself with the flag set; called in-process from other code it is an error.
+
+Several processes (``jax.distributed``: a launcher's ``CELLI_SCALE_DISTRIBUTED``, SLURM;
+see :mod:`celli_scale.distributed.multihost`): every process runs the same command; the
+command joins the run before JAX's backend starts, ``--devices``/``--mesh`` count the
+devices of all processes (each CPU process gets its share of host devices), the bricks
+are spread over the processes' devices, and only process 0 prints and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from celli_scale.distributed import ray_launcher
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ def add_parser(sub) -> None:
         help="require the stress: an error unless the cell is periodic on every axis "
         "(without it the stress is still reported whenever it exists)",
     )
+    # the processes of the run as Ray workers (--devices counts all of theirs)
+    ray_launcher.add_cluster_arguments(p)
 
 
 def parse_mesh(text: str | None, devices: int | None) -> tuple[tuple[int, ...] | None, int]:
@@ -134,24 +144,39 @@ def _launched_as_command() -> bool:
     return name in ("celli-scale", "cli.py") and "run" in sys.argv[1:]
 
 
-def ensure_devices(n: int) -> list[Any]:
+def ensure_devices(n: int, processes: int = 1) -> list[Any]:
     """Make JAX show at least ``n`` devices and return the first ``n``.
 
     Before JAX's backend starts, sets the host device count in ``XLA_FLAGS`` (CPU only;
     other platforms ignore it). If the backend already runs on CPU with fewer devices,
-    a ``celli-scale`` process re-executes itself with the flag (never returns); otherwise
-    raises ValueError.
+    a single ``celli-scale`` process re-executes itself with the flag (never returns);
+    otherwise raises ValueError.
+
+    With ``processes > 1`` the process joins its multi-process run
+    (:func:`celli_scale.distributed.multihost.initialize`) after setting the flag, ``n``
+    counts the devices of all processes (``jax.devices()``, ordered by process) and each
+    CPU process asks for ``ceil(n / processes)`` of them.
     """
     import jax
     from jax._src import xla_bridge
 
+    local = -(-int(n) // max(int(processes), 1))
     started = xla_bridge.backends_are_initialized()
-    if not started and n > 1:
-        os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), n)
+    if not started and local > 1:
+        os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), local)
+    if processes > 1:
+        from celli_scale.distributed import multihost
+
+        multihost.initialize()  # before the backend starts (gloo collectives, bindings)
     have = jax.devices()
     if len(have) >= n:
         return have[:n]
     platform = have[0].platform
+    if processes > 1:
+        raise ValueError(
+            f"{n} devices asked for, but the {processes} processes of this run have "
+            f"{len(have)} ({platform}) together"
+        )
     if platform == "cpu" and started:
         if _launched_as_command() and not os.environ.get(REEXEC_ENV):
             env = dict(os.environ, **{REEXEC_ENV: "1"})
@@ -232,8 +257,72 @@ def main(args: argparse.Namespace) -> int:
     structure = Path(args.structure)
     if not structure.is_file():
         raise ValueError(f"{structure}: no such structure file")
-    ensure_devices(n_devices)  # before anything starts JAX's backend
+    from celli_scale.distributed import multihost, ray_launcher
 
+    ray_opts = ray_launcher.cluster_options(args)
+    if ray_opts is not None:
+        return _main_on_ray(args, n_devices, ray_opts)
+    placement = multihost.resolve()  # several processes: each runs this same command
+    ensure_devices(n_devices, placement.num_processes)  # before anything starts JAX's backend
+    lines = _evaluate(args, structure, model_dir, mesh_shape, n_devices, placement)
+    if lines:
+        print("\n".join(lines))
+    return 0
+
+
+def _main_on_ray(args: argparse.Namespace, n_devices: int, ray_opts: dict[str, Any]) -> int:
+    """``celli-scale run --ray-address``: the evaluation on ``--num-workers`` Ray workers
+    (one ``jax.distributed`` run, ``ceil(devices / workers)`` devices each); worker 0's
+    report is printed here."""
+    from celli_scale.distributed import ray_launcher
+
+    opts = {k: getattr(args, k) for k in RAY_TASK_ARGS}
+    for k in ("structure", "model", "out"):  # the workers' working directory is not ours
+        if opts[k] is not None:
+            opts[k] = str(Path(opts[k]).absolute())
+    workers = ray_opts["num_workers"]
+    res = ray_launcher.run_on_ray(
+        "celli_scale.run:ray_task",
+        opts,
+        devices_per_worker=-(-n_devices // workers),
+        **ray_opts,
+    )
+    print("\n".join(res.results[0]))
+    print(f"ray: {workers} worker(s), start-up {res.startup_s:.1f} s, {res.seconds:.1f} s in all")
+    return 0
+
+
+#: The ``run`` options a Ray worker needs.
+RAY_TASK_ARGS = (
+    "structure", "model", "devices", "mesh", "chunks", "skin", "frame", "format", "out", "stress",
+)  # fmt: skip
+
+
+def ray_task(opts: dict[str, Any]) -> list[str]:
+    """A Ray worker's body (the run joined by the launcher): the evaluation of ``opts``
+    (:data:`RAY_TASK_ARGS`); returns the report's lines (process 0; others: none)."""
+    from celli_scale.distributed import multihost
+
+    args = argparse.Namespace(**opts)
+    mesh_shape, n_devices = parse_mesh(args.mesh, args.devices)
+    placement = multihost.initialize()  # joined already: the launcher's run
+    ensure_devices(n_devices, placement.num_processes)
+    return _evaluate(args, Path(args.structure), Path(args.model), mesh_shape, n_devices, placement)
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    structure: Path,
+    model_dir: Path,
+    mesh_shape: tuple[int, ...] | None,
+    n_devices: int,
+    placement: Any,
+) -> list[str]:
+    """Load, decompose, evaluate (first and warm call); process 0 writes ``--out`` and
+    returns the report's lines, other processes return none."""
+    from celli_scale.distributed import multihost
+
+    leader = multihost.quiet_unless_leader()  # process 0 prints and writes
     from celli_scale import io
     from celli_scale.distributed.sharded import ShardedPotential
     from celli_scale.potential import Potential
@@ -248,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = (
         {"mesh_shape": mesh_shape} if mesh_shape is not None else {"devices": n_devices}
     )
-    sp = ShardedPotential(pot, chunks=args.chunks, skin=args.skin, progress=True, **kw)
+    sp = ShardedPotential(pot, chunks=args.chunks, skin=args.skin, progress=leader, **kw)
 
     t0 = time.perf_counter()
     sp.decompose(system)
@@ -256,14 +345,20 @@ def main(args: argparse.Namespace) -> int:
     out, t_first = _timed(sp, system)
     out, t_warm = _timed(sp, system)
     stress = None if out.stress is None else np.asarray(out.stress, dtype=float)
+    if not leader:
+        return []
 
-    print(f"structure: {structure} (frame {args.frame}); model: {model_dir} ({pot.config.name})")
-    print("\n".join(report_lines(out, system.n_atoms, stress)))
-    print(
+    lines = [f"structure: {structure} (frame {args.frame}); model: {model_dir} ({pot.config.name})"]
+    if placement.multi:
+        lines.append(
+            f"processes: {placement.num_processes} (jax.distributed), devices: {n_devices}"
+        )
+    lines += report_lines(out, system.n_atoms, stress)
+    lines.append(
         f"time: decomposition {t_decomp:.3f} s, first call (incl. compilation) "
         f"{t_first:.3f} s, warm call {t_warm:.3f} s"
     )
-    print(sp.stats.summary())
+    lines.append(sp.stats.summary())
     if args.out is not None:
         result = io.Frame(
             system,
@@ -273,5 +368,5 @@ def main(args: argparse.Namespace) -> int:
             stress=stress,
         )
         io.write(args.out, result)
-        print(f"wrote {args.out}")
-    return 0
+        lines.append(f"wrote {args.out}")
+    return lines

@@ -47,7 +47,7 @@ def test_resolve_from_args_env_and_slurm():
         "SLURM_JOB_ID": "123456",
     }
     p = multihost.resolve(env=slurm)
-    assert p == multihost.Placement(f"gpu007:{29500 + 123456 % 20000}", 4, 3, "slurm")
+    assert p == multihost.Placement(f"gpu007:{30000 + 123456 % 2000}", 4, 3, "slurm")
     p = multihost.resolve(env={**slurm, multihost.PORT_ENV: "4321"})
     assert p.coordinator == "gpu007:4321"
     p = multihost.resolve(env={**slurm, multihost.COORDINATOR_ENV: "10.1.2.3:555"})

@@ -168,3 +168,28 @@ def test_scaling_study_on_ray_workers_matches_local(cluster, tmp_path):
     assert row["status"] == "ok" and int(row["processes"]) == 2 and int(row["workers"]) == 2
     (local,) = run.run_points(_tiny_spec(processes=2), timeout_s=600)
     assert float(row["energy_sum"]) == pytest.approx(local["energy_sum"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_run_on_ray_workers(cluster, tmp_path):
+    """``celli-scale run --ray-address --num-workers 2 --devices 2``: the structure cut over
+    two Ray workers (one device each) gives the unsharded potential's energy and forces."""
+    from celli_scale import io
+    from celli_scale.datasets.synthetic import nacl_grid
+    from celli_scale.testing import small_allegro_config
+
+    system = nacl_grid(4, 2.2, 0.1, 0)
+    pot = cs.Potential.from_config(small_allegro_config(dtype="float64"), example=system)
+    pot.save(tmp_path / "model")
+    io.write(tmp_path / "nacl.xyz", io.Frame(system))
+    ref = pot(io.read(tmp_path / "nacl.xyz")[0].system)
+    out = tmp_path / "out.xyz"
+    cmd = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
+    cmd += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
+    cmd += ["--ray-address", cluster[0], "--num-workers", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=cluster[1], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes: 2" in r.stdout and "ray: 2 worker(s)" in r.stdout, r.stdout
+    (got,) = io.read(out)
+    assert abs(got.energy - float(ref.energy)) < 1e-8
+    np.testing.assert_allclose(got.forces, np.asarray(ref.forces), rtol=0, atol=1e-8)

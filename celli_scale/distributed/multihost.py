@@ -149,12 +149,13 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def slurm_default_port(job_id: str | int | None) -> int:
-    """A coordinator port from SLURM's job id (29500 + id mod 20000), so that two jobs
-    sharing a node do not collide; :data:`PORT_ENV` overrides it."""
+    """A coordinator port from SLURM's job id (30000 + id mod 2000: below Linux's
+    ephemeral ports, and two jobs sharing a node do not collide); :data:`PORT_ENV`
+    overrides it (``cluster/slurm/jax.sbatch`` sets it the same way)."""
     try:
-        return 29500 + int(job_id) % 20000
+        return 30000 + int(job_id) % 2000
     except (TypeError, ValueError):
-        return 29500
+        return 30000
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -302,6 +303,9 @@ def initialize(
     global _JOINED
     from celli_scale.distributed.launch import is_loopback, pin_gloo_to
 
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    if _JOINED is not None and not explicit:
+        return _JOINED  # joined already (e.g. by the Ray launcher): that is the run
     placement = resolve(coordinator_address, num_processes, process_id)
     if _JOINED is not None:
         if (_JOINED.coordinator, _JOINED.num_processes, _JOINED.process_id) != (

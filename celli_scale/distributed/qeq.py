@@ -67,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 from celli_scale import electrostatics as el
 from celli_scale import qeq as qeq_mod
 from celli_scale.distributed import domains, halo
+from celli_scale.distributed.multihost import to_host
 from celli_scale.electrostatics import direct, ewald, pme
 from celli_scale.electrostatics.limits import memory_limit
 from celli_scale.qeq_inputs import check_groups, check_per_atom
@@ -756,10 +757,12 @@ def solve(
     )
     n = system.n_atoms
     dt = args[1].dtype
-    out = fn(*args)
+    # device -> host, gathered from every process when the mesh spans several (a
+    # collective: every process makes the same reads, in the same order)
+    out = {k: to_host(v) for k, v in fn(*args).items()}
     res = DistributedQeqResult(
         charges=jnp.asarray(_gather(plan, out["q"], n)),
-        chemical_potential=-(out["lam"][0] if groups is None else out["lam"]),
+        chemical_potential=jnp.asarray(-(out["lam"][0] if groups is None else out["lam"])),
         iterations=int(out["iterations"]),
         residual=float(out["residual"]),
         converged=bool(out["converged"]),

@@ -570,6 +570,78 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 1, timeout_s: float = 1
             host.wait()
 
 
+def _nodes_alive(address: str, env: Mapping[str, str]) -> int:
+    """Alive nodes of the cluster at ``address``, asked by a short driver process (Ray
+    reads its authentication settings from ``env`` when imported)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, address],
+        capture_output=True,
+        text=True,
+        env=dict(env),
+        timeout=120,
+    )
+    try:
+        return int(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def local_main(argv: list[str] | None = None) -> int:
+    """``cluster/local.sh``: a Ray cluster of ``--nodes`` nodes on 127.0.0.1 (token
+    authentication, :func:`local_cluster`), then ``--check`` (report the nodes) or a
+    command run as its driver with ``--ray-address ADDRESS --num-workers NODES`` appended;
+    the TCP listeners opened meanwhile are sampled every second and any off loopback fails
+    the run. Returns the exit status."""
+    import argparse
+    import subprocess
+
+    from celli_scale.distributed.launch import all_listening_addresses, is_loopback
+
+    p = argparse.ArgumentParser(
+        prog="cluster/local.sh",
+        description="A simulated multi-node Ray cluster on 127.0.0.1 (token auth), then a "
+        "command run on it with --ray-address/--num-workers appended.",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="Ray nodes (default 2)")
+    p.add_argument("--cpus", type=float, default=1, help="CPUs per node (default 1)")
+    p.add_argument("--check", action="store_true", help="start, report the nodes, stop")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="e.g. celli-scale train run.yaml")
+    a = p.parse_args(argv)
+    if not a.check and not a.command:
+        p.error("give --check or a command")
+    before = set(all_listening_addresses())
+    seen: set[str] = set()
+    rc = 0
+    with local_cluster(nodes=a.nodes, cpus_per_node=a.cpus) as (address, env):
+        alive = _nodes_alive(address, env)
+        print(f"local.sh: nodes alive: {alive}/{a.nodes} at {address} (token auth, loopback only)")
+        seen |= set(all_listening_addresses()) - before
+        if alive < a.nodes:
+            rc = 1
+        elif not a.check:
+            cmd = [*a.command, "--ray-address", address, "--num-workers", str(a.nodes)]
+            proc = subprocess.Popen(cmd, env=env)
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    seen |= set(all_listening_addresses()) - before
+    print("local.sh: cluster stopped")
+    off = sorted(x for x in seen if not is_loopback(x))
+    print(f"local.sh: listeners: {len(seen)} on this cluster, {len(off)} off loopback")
+    for x in off:
+        print(f"  off loopback: {x}")
+    return rc or (1 if off else 0)
+
+
 __all__ = [
     "RAY_MISSING",
     "ClusterSetupError",
@@ -582,7 +654,14 @@ __all__ = [
     "connect",
     "local_cluster",
     "local_cluster_env",
+    "local_main",
     "require_ray",
     "resolve_task",
     "run_on_ray",
 ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(local_main())

@@ -31,6 +31,14 @@ distributed adjoint solve and the χ path of the forces, and the electrostatic t
 outputs add charges, the electrostatic energy and (open systems) the dipole. The
 reciprocal part of the stress is the strain derivative at fixed fractional coordinates.
 Both solves start from the previous call's solution.
+
+Multi-process (``jax.distributed``, :mod:`celli_scale.distributed.multihost`): the mesh
+may span the devices of several processes (``jax.devices()`` lists them all). Every
+process calls ``sp(system)`` with the same system; the host-side decomposition is
+deterministic, so each builds the same plan and puts its own bricks on its devices.
+Every read back to the host goes through :func:`~celli_scale.distributed.multihost.
+to_host` (a gather over the processes, so every process gets the full outputs, as
+process-local arrays); it is a collective, so every process must make the same calls.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from celli_scale import cell as cellmod
 from celli_scale.distributed import domains, halo
 from celli_scale.distributed import qeq as dq
+from celli_scale.distributed.multihost import to_host
 from celli_scale.models import Graph
 from celli_scale.potential import Potential, PotentialOutput, structure_key
 from celli_scale.system import System
@@ -122,6 +131,16 @@ class ShardStats:
                 else []
             )
         )
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """``jax.device_put(tree, sharding)``. With several processes the leaves go through
+    host arrays first: every process holds the same values (the same system, parameters
+    and decomposition), and an array committed to one process's device (e.g. loaded
+    parameters) cannot be moved onto another process's devices."""
+    if jax.process_count() > 1:
+        tree = jax.tree_util.tree_map(lambda a: to_host(a) if isinstance(a, jax.Array) else a, tree)
+    return jax.device_put(tree, sharding)
 
 
 def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
@@ -395,7 +414,7 @@ class ShardedPotential:
         )  # fmt: skip
         mesh = self._mesh(plan.mesh_shape)
         return {
-            "params": jax.device_put(params, NamedSharding(mesh, P())),
+            "params": _put(params, NamedSharding(mesh, P())),
             "layout": layout,
             "host": {
                 "pairs": pair_arrays,
@@ -430,7 +449,7 @@ class ShardedPotential:
         }
         if self._elec is not None:
             host.update(self._elec["host"])
-        return jax.device_put(host, sharding)
+        return _put(host, sharding)
 
     # -- evaluation ---------------------------------------------------------------------
     def _needs_decomposition(self, system: System) -> tuple[bool, np.ndarray | None]:
@@ -479,7 +498,7 @@ class ShardedPotential:
         ok = plan.owned_ids >= 0
         own[ok] = pos[plan.owned_ids[ok]]
         mesh = self._mesh(plan.mesh_shape)
-        own = jax.device_put(jnp.asarray(own, dtype), NamedSharding(mesh, P(halo.MESH_AXES)))
+        own = _put(jnp.asarray(own, dtype), NamedSharding(mesh, P(halo.MESH_AXES)))
         cell = np.zeros((3, 3)) if system.cell is None else np.asarray(system.cell, float)
         pbc = np.asarray(system.pbc, dtype=bool)
         cell = np.where(pbc[:, None], cell, 0.0)  # open axes never shift an image
@@ -495,7 +514,7 @@ class ShardedPotential:
                 forces, node_e, energy, virial, n_max, extra = out
             else:
                 forces, node_e, energy, virial, n_max = fn(params, cell_j, own, self._arrays)
-            need = int(n_max)
+            need = int(to_host(n_max))
             if need <= plan.cut_capacity:
                 break
             # more pairs within r_cut than the compacted list holds (atoms moved closer):
@@ -507,8 +526,13 @@ class ShardedPotential:
             self._n_growth += 1
             self.stats.capacity_growths = self._n_growth
             self.stats.capacities = self._caps
-        forces = np.asarray(forces)
-        node_e = np.asarray(node_e)
+        # device -> host: gathered from every process when the mesh spans several (a
+        # collective: every process reads the same arrays in the same order)
+        forces = to_host(forces)
+        node_e = to_host(node_e)
+        energy = to_host(energy)
+        virial = to_host(virial)
+        extra = {k: to_host(v) for k, v in extra.items()}
         n = system.n_atoms
         f_out = np.zeros((n, 3), forces.dtype)
         e_out = np.zeros(n, node_e.dtype)
@@ -547,9 +571,7 @@ class ShardedPotential:
         for v in (q, mu):
             a = np.zeros(plan.owned_ids.shape)
             a[ok] = v[plan.owned_ids[ok]]
-            out.append(
-                jax.device_put(jnp.asarray(a, dtype), NamedSharding(mesh, P(halo.MESH_AXES)))
-            )
+            out.append(_put(jnp.asarray(a, dtype), NamedSharding(mesh, P(halo.MESH_AXES))))
         return tuple(out)
 
     def _check_qeq(self, extra: dict, plan: domains.Decomposition, n: int):
@@ -576,7 +598,7 @@ class ShardedPotential:
                 f"{float(extra['adj_residual']):.3g} after {its[1]} iterations (raise the Qeq "
                 "maxiter, loosen qeq_tol, or check the structure for atoms too close together)"
             )
-        q_sh, mu_sh = np.asarray(extra["q"]), np.asarray(extra["mu"])
+        q_sh, mu_sh = np.asarray(extra["q"]), np.asarray(extra["mu"])  # host (to_host)
         q, mu = np.zeros(n, q_sh.dtype), np.zeros(n, mu_sh.dtype)
         q[plan.owned_ids[ok]] = q_sh[ok]
         mu[plan.owned_ids[ok]] = mu_sh[ok]
@@ -588,7 +610,7 @@ class ShardedPotential:
         device; jit refuses to mix them with arrays on the others). Cached per params object."""
         key = (id(self.params), mesh.devices.shape)
         if self._params_key != key:
-            self._params_dev = jax.device_put(self.params, NamedSharding(mesh, P()))
+            self._params_dev = _put(self.params, NamedSharding(mesh, P()))
             self._params_key = key
         return self._params_dev
 
