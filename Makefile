@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/celli-scale demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=25
 
 # Quick suite (tiny sizes, each benchmark once): a regression smoke test, 7-9 min on 2 cores.
 bench: $(STAMP)

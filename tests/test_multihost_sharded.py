@@ -180,29 +180,25 @@ def test_two_processes_equal_one_process_and_unsharded(kind):
 
 @pytest.mark.slow
 def test_run_command_under_two_processes(tmp_path):
-    """``celli-scale run --devices 2`` as 2 processes of 1 device each: the same numbers
-    as 1 process with 2 devices; process 0 alone prints the report and writes --out."""
+    """``celli-scale run --devices 2`` as 2 processes of 1 device each: the unsharded
+    potential's numbers (1 process with 2 devices: tests/test_cli_run.py); process 0 alone
+    prints the report and writes --out."""
     system = nacl_grid(4, 2.2, 0.1, 0)
     pot = cs.Potential.from_config(small_allegro_config(dtype="float64"), example=system)
     pot.save(tmp_path / "model")
     io.write(tmp_path / "nacl.xyz", io.Frame(system))
     ref = pot(io.read(tmp_path / "nacl.xyz")[0].system)
-    outs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"out{processes}.xyz"
-        argv = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
-        argv += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
-        r = _group(argv, processes)
-        report = "\n".join(r.stdout_lines)
-        assert "mesh 2x1x1 (2 shards)" in report or "(2 shards)" in report, report
-        assert sum(line.startswith("energy:") for line in r.stdout_lines) == 1, report
-        if processes == 2:
-            assert "processes: 2" in report, report
-            assert "energy:" not in r.stderr_tails[1]  # process 1 printed no report
-            assert "wrote" not in r.stderr_tails[1]
-        (outs[processes],) = io.read(out)
-    for got in outs.values():
-        assert abs(got.energy - float(ref.energy)) < 1e-8
-        np.testing.assert_allclose(got.forces, np.asarray(ref.forces), rtol=0, atol=1e-8)
-        np.testing.assert_allclose(got.stress, np.asarray(ref.stress), rtol=0, atol=1e-8)
+    out = tmp_path / "out.xyz"
+    argv = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
+    argv += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
+    r = _group(argv, 2)
+    report = "\n".join(r.stdout_lines)
+    assert "(2 shards)" in report and "processes: 2" in report, report
+    assert sum(line.startswith("energy:") for line in r.stdout_lines) == 1, report
+    assert "energy:" not in r.stderr_tails[1]  # process 1 printed no report
+    assert "wrote" not in r.stderr_tails[1]
+    (got,) = io.read(out)
+    assert abs(got.energy - float(ref.energy)) < 1e-8
+    np.testing.assert_allclose(got.forces, np.asarray(ref.forces), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(got.stress, np.asarray(ref.stress), rtol=0, atol=1e-8)
     assert not list(tmp_path.glob(".out*.tmp"))

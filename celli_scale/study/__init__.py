@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
                 "drop --num-workers"
             )
         ray_launcher.connect(ray_opts["address"])  # fail fast, before the sweep
-    rows = run_study(cfg, out, ray=ray_opts)
+    rows = run_study(cfg, out) if ray_opts is None else run_study(cfg, out, ray=ray_opts)
     ok = ok_rows(rows)
     print(
         f"{len(ok)}/{len(rows)} points ok; wrote {out / 'results.csv'}, "
