@@ -116,7 +116,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any] | None:
         base.replace(positions=x0 + rng.normal(0.0, float(spec["step"]), x0.shape))
         for _ in range(repeats + 2)
     ]
-    sp = ShardedPotential(pot, mesh_shape=mesh)
+    sp = ShardedPotential(pot, mesh_shape=mesh, chunks=int(spec.get("chunks", 1)))
 
     def barrier(tag: str) -> None:
         if placement.multi:
@@ -183,9 +183,14 @@ def _env(devices: int, cpus: list[int], dist: str | None) -> dict[str, str]:
     return env
 
 
-def run_config(name: str, n_grid: int, repeats: int) -> dict[str, Any]:
+def run_config(name: str, n_grid: int, repeats: int, chunk_domains: int = 1) -> dict[str, Any]:
     """Run configuration ``name`` (:data:`CONFIGS`) and return process 0's row, or
-    ``{"status": why}`` when it could not run, failed, ran out of time or memory."""
+    ``{"status": why}`` when it could not run, failed, ran out of time or memory.
+
+    ``chunk_domains``: the grid is cut into ``2 x chunk_domains`` sub-bricks in every
+    configuration (so that the work per sub-brick is the same): ``chunks`` per device is
+    ``2 x chunk_domains / devices in the mesh`` (:class:`ShardedPotential`'s ``chunks``,
+    evaluated one after another: the memory of a large grid on one core)."""
     from celli_scale.distributed import launch
 
     processes, devices, _ = CONFIGS[name]
@@ -198,6 +203,7 @@ def run_config(name: str, n_grid: int, repeats: int) -> dict[str, Any]:
         "mesh": [processes * devices, 1, 1],
         "repeats": int(repeats),
         "step": MULTIHOST_STEP,
+        "chunks": 2 * int(chunk_domains) // (processes * devices),
     }
     cmd = [sys.executable, "-m", "bench.bench_multihost", "--worker", json.dumps(spec)]
     taskset = shutil.which("taskset")
@@ -339,6 +345,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.bench_multihost", description=__doc__)
     p.add_argument("--n-grid", type=int, default=MULTIHOST_GRID_N, help="NaCl sites per axis")
     p.add_argument("--repeats", type=int, default=MULTIHOST_REPEATS, help="timed calls")
+    p.add_argument(
+        "--chunk-domains",
+        type=int,
+        default=1,
+        help="sub-bricks per domain of the 2-way cut (ShardedPotential chunks; 1 process x 1 "
+        "core gets twice as many): less memory for large grids, the same work per sub-brick",
+    )
     args = p.parse_args(argv)
     if args.n_grid < 2 or args.repeats < 1:
         p.error("--n-grid must be at least 2 and --repeats at least 1")
@@ -346,13 +359,14 @@ def main(argv: list[str] | None = None) -> None:
         f"Allegro {DTYPE}, NaCl grid {args.n_grid}³ = {args.n_grid**3} atoms, "
         f"{'quick' if QUICK else 'full'} hyper-parameters (channels "
         f"{HYPERPARAMS['channels']}, r_cut {HYPERPARAMS['r_cut']} Å), {args.repeats} timed "
-        f"calls (fresh {MULTIHOST_STEP} Å steps), cores {cores()}, "
+        f"calls (fresh {MULTIHOST_STEP} Å steps), {2 * args.chunk_domains} sub-bricks, "
+        f"cores {cores()}, "
         f"taskset {'yes' if shutil.which('taskset') else 'no (sched_setaffinity)'}",
         flush=True,
     )
     rows = {}
     for name in CONFIGS:
-        rows[name] = run_config(name, args.n_grid, args.repeats)
+        rows[name] = run_config(name, args.n_grid, args.repeats, args.chunk_domains)
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     print("\n".join(table(rows)))
 
