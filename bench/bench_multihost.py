@@ -44,7 +44,6 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,11 +56,8 @@ from bench._common import (
     config_for,
     nacl_grid,
 )
+from bench.bench_sharded import DTYPE, RATTLE, ROOT, SPACING  # the same grid and precision
 
-DTYPE = "float32"
-SPACING = 2.2  # Å, the PEERS.md grid
-RATTLE = 0.05  # Å
-ROOT = Path(__file__).resolve().parent.parent
 _MARK = "MULTIHOST-BENCH-RESULT "
 
 #: NaCl grid sites per axis (even keeps the periodic NaCl pattern; odd works): N = n³ atoms.

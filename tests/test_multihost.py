@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 import celli_scale as cs
-from celli_scale.datasets import rocksalt
 from celli_scale.distributed import launch, multihost
 from celli_scale.distributed.multihost import DistributedSetupError
-from celli_scale.io import Frame, write
-from celli_scale.testing import small_allegro_config
+from celli_scale.io import write
+from tests.test_routine import CFG, labelled
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -135,20 +134,6 @@ def test_mismatched_process_count_fails_with_a_message():
 # --------------------------------------------------------------------------------------
 # data-parallel training over 2 processes
 # --------------------------------------------------------------------------------------
-CFG = small_allegro_config(l_max=1)
-
-
-def labelled(n: int) -> list[Frame]:
-    """Rattled rock-salt cells labelled by 10x a reference Allegro."""
-    ref = cs.Potential.from_config(CFG, seed=123)
-    frames = []
-    for k in range(n):
-        s = rocksalt(1, rattle=0.12, seed=k)
-        o = ref(s)
-        frames.append(Frame(s, energy=10 * float(o.energy), forces=10 * np.asarray(o.forces)))
-    return frames
-
-
 def train_config(data: Path, out: Path, epochs: int = 2) -> str:
     model = f"{dict(CFG)!r}".replace("(", "[").replace(")", "]")
     return (

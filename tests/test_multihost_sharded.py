@@ -178,16 +178,23 @@ def test_two_processes_equal_one_process_and_unsharded(kind):
         assert launch.is_loopback(addr), (two["listening"], other)
 
 
+def saved_model_and_structure(tmp_path: Path):
+    """A float64 Allegro saved to ``tmp_path/model``, a 64-atom NaCl grid written to
+    ``tmp_path/nacl.xyz``; returns the unsharded potential's output on it (the reference
+    of a ``celli-scale run``)."""
+    system = nacl_grid(4, 2.2, 0.1, 0)
+    pot = cs.Potential.from_config(small_allegro_config(dtype="float64"), example=system)
+    pot.save(tmp_path / "model")
+    io.write(tmp_path / "nacl.xyz", io.Frame(system))
+    return pot(io.read(tmp_path / "nacl.xyz")[0].system)
+
+
 @pytest.mark.slow
 def test_run_command_under_two_processes(tmp_path):
     """``celli-scale run --devices 2`` as 2 processes of 1 device each: the unsharded
     potential's numbers (1 process with 2 devices: tests/test_cli_run.py); process 0 alone
     prints the report and writes --out."""
-    system = nacl_grid(4, 2.2, 0.1, 0)
-    pot = cs.Potential.from_config(small_allegro_config(dtype="float64"), example=system)
-    pot.save(tmp_path / "model")
-    io.write(tmp_path / "nacl.xyz", io.Frame(system))
-    ref = pot(io.read(tmp_path / "nacl.xyz")[0].system)
+    ref = saved_model_and_structure(tmp_path)
     out = tmp_path / "out.xyz"
     argv = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
     argv += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]

@@ -175,14 +175,9 @@ def test_sharded_run_on_ray_workers(cluster, tmp_path):
     """``celli-scale run --ray-address --num-workers 2 --devices 2``: the structure cut over
     two Ray workers (one device each) gives the unsharded potential's energy and forces."""
     from celli_scale import io
-    from celli_scale.datasets.synthetic import nacl_grid
-    from celli_scale.testing import small_allegro_config
+    from tests.test_multihost_sharded import saved_model_and_structure
 
-    system = nacl_grid(4, 2.2, 0.1, 0)
-    pot = cs.Potential.from_config(small_allegro_config(dtype="float64"), example=system)
-    pot.save(tmp_path / "model")
-    io.write(tmp_path / "nacl.xyz", io.Frame(system))
-    ref = pot(io.read(tmp_path / "nacl.xyz")[0].system)
+    ref = saved_model_and_structure(tmp_path)
     out = tmp_path / "out.xyz"
     cmd = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
     cmd += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
