@@ -90,17 +90,13 @@ def step_worker(payload: dict[str, Any]) -> dict[str, Any]:
 def _local(layout: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Run ``layout`` (1p1d, 1p2d, 2p1d) as subprocesses; process 0's row."""
     from celli_scale.distributed import launch
-    from celli_scale.distributed.ray_launcher import checkout_root
 
     processes, devices = (2, 1) if layout == "2p1d" else (1, 2 if layout == "1p2d" else 1)
     address = f"{launch.LOOPBACK}:{launch.free_loopback_port()}"
     envs, stdin = [], []
     for i in range(processes):
-        env = launch.host_device_env(devices)
-        env["PYTHONPATH"] = os.pathsep.join([checkout_root(), env.get("PYTHONPATH", "")])
-        if processes > 1:
-            env[launch.DIST_ENV] = launch.distributed_env(address, processes, i)
-        envs.append(env)
+        dist = launch.distributed_env(address, processes, i) if processes > 1 else None
+        envs.append(launch.worker_env(devices, dist))
         cores = [i] if processes > 1 else list(range(devices))
         stdin.append(json.dumps({**payload, "cores": cores}))
     code = (

@@ -169,13 +169,10 @@ def cores() -> list[int]:
 def _env(devices: int, cpus: list[int], dist: str | None) -> dict[str, str]:
     from celli_scale.distributed import launch
 
-    env = launch.host_device_env(devices)
+    env = launch.worker_env(devices, dist)
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {THREAD_FLAGS}".strip()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["JAX_PLATFORMS"] = "cpu"
     env[CPUS_ENV] = ",".join(map(str, cpus))
-    if dist is not None:
-        env[launch.DIST_ENV] = dist
     return env
 
 

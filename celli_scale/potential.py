@@ -684,10 +684,10 @@ class Potential:
             # a save interrupted from here on leaves no manifest, so load refuses it clearly
             (path / MANIFEST_FILE).unlink(missing_ok=True)
             (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        from celli_scale.train.checkpoint import savable
+        from celli_scale.distributed.multihost import host_arrays
 
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(path / PARAMS_DIR, savable(self.params), force=True)
+        ckpt.save(path / PARAMS_DIR, host_arrays(self.params), force=True)
         ckpt.wait_until_finished()
         if not leader:
             return

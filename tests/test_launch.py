@@ -184,3 +184,14 @@ def test_gloo_listens_on_loopback_even_when_the_host_name_does_not(tmp_path):
     # the coordinator and gloo both listen, and only on loopback
     assert len(got["listening"]) >= 2, got
     assert all(launch.is_loopback(a) for a in got["listening"]), got
+
+
+def test_worker_env_puts_the_checkout_first_and_the_place():
+    env = launch.worker_env(2, launch.distributed_env("127.0.0.1:5", 2, 1))
+    root = str(Path(__file__).resolve().parents[1])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == root == launch.checkout_root()
+    assert f"{launch.HOST_DEVICE_FLAG}=2" in env["XLA_FLAGS"].split()
+    assert env[launch.DIST_ENV] == "127.0.0.1:5,2,1"
+    assert launch.DIST_ENV not in launch.worker_env(1)
+    again = launch.with_checkout_on_path(env)
+    assert again["PYTHONPATH"].split(os.pathsep)[:2] == [root, root]  # prepends, keeps the rest

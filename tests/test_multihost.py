@@ -6,7 +6,6 @@ both processes."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -105,10 +104,7 @@ print("joined", flush=True)
 
 
 def _env(dist: str | None, devices: int = 1, **extra: str) -> dict[str, str]:
-    env = launch.host_device_env(devices)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    if dist is not None:
-        env[launch.DIST_ENV] = dist
+    env = launch.worker_env(devices, dist)
     env.update(extra)
     return env
 

@@ -8,7 +8,6 @@ processes prints and writes once (process 0), the numbers of a single process.""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import textwrap
@@ -107,11 +106,8 @@ WORKER = textwrap.dedent(
 def _env(dist: str | None, devices: int) -> dict[str, str]:
     """This environment (the suite's compiler flags kept) with ``devices`` host devices,
     the checkout on the path and the process's place in the run (None: a single one)."""
-    env = launch.host_device_env(devices)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = launch.worker_env(devices, dist)
     env["JAX_PLATFORMS"] = "cpu"
-    if dist is not None:
-        env[launch.DIST_ENV] = dist
     return env
 
 

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from celli_scale.memory import process_tree, tree_rss_bytes
 
@@ -74,6 +75,32 @@ def host_device_env(devices: int, base: Mapping[str, str] | None = None) -> dict
     flags.append(f"{HOST_DEVICE_FLAG}={int(devices)}")
     env["XLA_FLAGS"] = " ".join(flags)
     env.pop(DIST_ENV, None)
+    return env
+
+
+def checkout_root() -> str:
+    """The directory holding this ``celli_scale`` package: first on a worker's
+    ``PYTHONPATH``, so that worker processes run this checkout."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def with_checkout_on_path(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` with :func:`checkout_root` first on ``PYTHONPATH``."""
+    out = dict(env)
+    out["PYTHONPATH"] = os.pathsep.join(
+        [checkout_root()] + [p for p in [out.get("PYTHONPATH")] if p]
+    )
+    return out
+
+
+def worker_env(devices: int, dist: str | None = None) -> dict[str, str]:
+    """Environment of a worker process: ``devices`` host devices
+    (:func:`host_device_env`), this checkout first on ``PYTHONPATH``, and its place in a
+    multi-process run (:data:`DIST_ENV`, from :func:`distributed_env`; None: a single
+    process)."""
+    env = with_checkout_on_path(host_device_env(devices))
+    if dist is not None:
+        env[DIST_ENV] = dist
     return env
 
 
@@ -477,6 +504,9 @@ __all__ = [
     "LOOPBACK",
     "GroupResult",
     "all_listening_addresses",
+    "checkout_root",
+    "with_checkout_on_path",
+    "worker_env",
     "distributed_env",
     "free_loopback_port",
     "host_device_env",

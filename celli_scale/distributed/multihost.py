@@ -20,10 +20,12 @@ message naming the cause instead of hanging: a coordinator nobody listens on, a 
 count that does not match the processes started, a coordinator address that is not this
 machine's.
 
-After joining: :func:`global_mesh` (a mesh over every process's devices),
-:func:`process_rows` / :func:`from_process_rows` (per-process data: each process builds
-only its rows of a sharded batch), :func:`to_host` (a global array as one host array on
-every process), :func:`is_leader` and :func:`quiet_unless_leader` (process 0 logs and
+After joining: ``jax.devices()`` lists every process's devices, so the meshes of
+:mod:`~celli_scale.distributed.data_parallel` and :mod:`~celli_scale.distributed.sharded`
+span the run; :func:`process_rows` / :func:`from_process_rows` (per-process data: each
+process builds only its rows of a sharded batch), :func:`to_host` (a global array as one
+host array on every process), :func:`host_arrays` (replicated values on their way to orbax
+or to a mesh), :func:`is_leader` and :func:`quiet_unless_leader` (process 0 logs and
 writes files; orbax coordinates checkpoint writes of every process itself).
 
 Nothing here imports JAX at module level.
@@ -373,15 +375,11 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------------------
 # after joining
 # --------------------------------------------------------------------------------------
-def process_index() -> int:
-    import jax
-
-    return int(jax.process_index())
-
-
 def is_leader() -> bool:
     """Process 0: the one that logs, shows progress and writes result files."""
-    return process_index() == 0
+    import jax
+
+    return jax.process_index() == 0
 
 
 def quiet_unless_leader() -> bool:
@@ -415,27 +413,6 @@ def write_text_atomic(path: Any, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def global_mesh(shape: tuple[int, ...], axis_names: tuple[str, ...]) -> Any:
-    """A mesh of ``shape`` over the first ``prod(shape)`` devices of every process
-    (``jax.devices()``: ordered by process, so a leading axis splits over processes).
-
-    Raises:
-      RuntimeError: fewer devices in the run.
-    """
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    need = int(np.prod(shape))
-    devs = jax.devices()
-    if len(devs) < need:
-        raise RuntimeError(
-            f"a {shape} mesh needs {need} devices; the run has {len(devs)} "
-            f"({jax.process_count()} process(es) x {jax.local_device_count()})"
-        )
-    return Mesh(np.asarray(devs[:need], dtype=object).reshape(shape), axis_names)
 
 
 def process_rows(n_rows: int, sharding: Any) -> slice:
@@ -484,6 +461,18 @@ def to_host(x: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def host_arrays(tree: Any) -> Any:
+    """``tree`` unchanged for one process; with several, every ``jax.Array`` leaf as a
+    NumPy array (:func:`to_host`). For values every process holds alike (parameters, a
+    training state, a decomposition) on their way to orbax or to a mesh over all
+    processes: both refuse an array committed to one process's device."""
+    import jax
+
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, tree)
+
+
 __all__ = [
     "agree",
     "write_text_atomic",
@@ -495,11 +484,10 @@ __all__ = [
     "Placement",
     "first_slurm_host",
     "from_process_rows",
-    "global_mesh",
+    "host_arrays",
     "initialize",
     "is_leader",
     "local_address_towards",
-    "process_index",
     "process_rows",
     "quiet_unless_leader",
     "resolve",

@@ -160,12 +160,6 @@ def resolve_task(task: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def checkout_root() -> str:
-    """The directory holding this ``celli_scale`` package (put on the workers'
-    ``PYTHONPATH``, so that local nodes run this checkout)."""
-    return str(Path(__file__).resolve().parents[2])
-
-
 # --------------------------------------------------------------------------------------
 # the worker actor (made a Ray actor class at run time: ray stays an optional import)
 # --------------------------------------------------------------------------------------
@@ -258,18 +252,11 @@ class RayRunResult:
 
 
 def _worker_env(devices_per_worker: int, env: Mapping[str, str] | None) -> dict[str, str]:
-    from celli_scale.distributed.launch import HOST_DEVICE_FLAG
+    from celli_scale.distributed.launch import worker_env
 
-    out = {
-        # CPU workers: this many host devices each (read once, when JAX starts)
-        "XLA_FLAGS": " ".join(
-            [f for f in os.environ.get("XLA_FLAGS", "").split() if HOST_DEVICE_FLAG not in f]
-            + [f"{HOST_DEVICE_FLAG}={int(devices_per_worker)}"]
-        ),
-        "PYTHONPATH": os.pathsep.join(
-            [checkout_root()] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-    }
+    # CPU workers: this many host devices each (read once, when JAX starts); this checkout
+    full = worker_env(devices_per_worker)
+    out = {k: full[k] for k in ("XLA_FLAGS", "PYTHONPATH")}
     out.update(env or {})
     return out
 
@@ -515,13 +502,12 @@ def local_cluster_env(token: str | None = None) -> dict[str, str]:
     on ``PYTHONPATH``."""
     import secrets
 
-    env = dict(os.environ)
+    from celli_scale.distributed.launch import with_checkout_on_path
+
+    env = with_checkout_on_path(os.environ)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = token or secrets.token_hex(16)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [checkout_root()] + [p for p in [env.get("PYTHONPATH")] if p]
-    )
     return env
 
 

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from celli_scale import cell as cellmod
 from celli_scale.distributed import domains, halo
 from celli_scale.distributed import qeq as dq
-from celli_scale.distributed.multihost import to_host
+from celli_scale.distributed.multihost import host_arrays, to_host
 from celli_scale.models import Graph
 from celli_scale.potential import Potential, PotentialOutput, structure_key
 from celli_scale.system import System
@@ -138,9 +138,7 @@ def _put(tree: Any, sharding: NamedSharding) -> Any:
     host arrays first: every process holds the same values (the same system, parameters
     and decomposition), and an array committed to one process's device (e.g. loaded
     parameters) cannot be moved onto another process's devices."""
-    if jax.process_count() > 1:
-        tree = jax.tree_util.tree_map(lambda a: to_host(a) if isinstance(a, jax.Array) else a, tree)
-    return jax.device_put(tree, sharding)
+    return jax.device_put(host_arrays(tree), sharding)
 
 
 def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:

@@ -202,17 +202,6 @@ def worker(spec: dict[str, Any], on_row: Callable[[dict[str, Any]], None] | None
         jax.distributed.shutdown()
 
 
-def worker_env(devices: int, dist: str | None = None) -> dict[str, str]:
-    """Environment of a worker: ``devices`` host devices, this checkout of
-    ``celli_scale`` first on ``PYTHONPATH``, and its place in a multi-process run."""
-    env = launch.host_device_env(devices)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    if dist is not None:
-        env[launch.DIST_ENV] = dist
-    return env
-
-
 def run_points(
     spec: dict[str, Any],
     timeout_s: float = 3600.0,
@@ -243,7 +232,9 @@ def run_points(
 
     address = f"{launch.LOOPBACK}:{launch.free_loopback_port()}" if processes > 1 else None
     envs = [
-        worker_env(spec["devices"], address and launch.distributed_env(address, processes, i))
+        launch.worker_env(
+            spec["devices"], address and launch.distributed_env(address, processes, i)
+        )
         for i in range(processes)
     ]
     result = launch.run_group(

@@ -18,24 +18,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from celli_scale.distributed.multihost import host_arrays
+
 log = logging.getLogger(__name__)
 
 
 #: Functions called with the step after every completed :meth:`Checkpoints.save` (the
 #: Ray launcher's fault injection uses it to kill a worker right after a checkpoint).
 AFTER_SAVE_HOOKS: list = []
-
-
-def savable(tree: Any) -> Any:
-    """``tree`` as orbax saves it in this run: unchanged for one process; with several
-    (``jax.distributed``) every array as a NumPy array. The training state is replicated
-    (every process holds the same values), and orbax refuses arrays that live on one
-    process's device only (a step counter, parameters before the first update)."""
-    if jax.process_count() == 1:
-        return tree
-    from celli_scale.distributed.multihost import to_host
-
-    return jax.tree_util.tree_map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, tree)
 
 
 class Checkpoints:
@@ -52,7 +42,7 @@ class Checkpoints:
         """Save ``state`` as ``step`` (a step already saved is kept as it is)."""
         if int(step) in self.manager.all_steps():
             return
-        self.manager.save(int(step), args=ocp.args.StandardSave(savable(state)), force=True)
+        self.manager.save(int(step), args=ocp.args.StandardSave(host_arrays(state)), force=True)
         self.manager.wait_until_finished()
         for hook in AFTER_SAVE_HOOKS:
             hook(int(step))
@@ -60,7 +50,7 @@ class Checkpoints:
     def restore(self, target: Any) -> Any | None:
         """The newest readable state shaped like ``target``, or None when there is none."""
         self.manager.reload()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, savable(target))
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, host_arrays(target))
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -100,7 +90,7 @@ class BestCheckpoint:
             return
         self.manager.save(
             int(step),
-            args=ocp.args.StandardSave(savable(params)),
+            args=ocp.args.StandardSave(host_arrays(params)),
             metrics={"valid_loss": float(valid_loss)},
             force=True,
         )
@@ -111,7 +101,7 @@ class BestCheckpoint:
         step = self.manager.best_step()
         if step is None:
             return None
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, savable(target))
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, host_arrays(target))
         return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
