@@ -48,6 +48,12 @@ class NeighborList:
       mask: ``(E,)`` bool, True for real pairs.
       n_pairs: ``()`` int32 number of pairs that exist (may exceed capacity → overflow).
       r_cut: cut-off radius in Å (static).
+      row_capacity: pairs per atom the list is expected to hold at most (static; None:
+        unknown). Set on lists whose real pairs come first, sorted by sender (every list
+        built here is), it lets :func:`row_layout` arrange the pairs one row per atom,
+        where a sum over each atom's pairs is a gather and a row sum instead of a
+        scatter (5x faster on CPU; the charge-equilibration matvec). Only a hint: a list
+        that outgrew it is detected inside jit and summed by scatter.
     """
 
     senders: jax.Array
@@ -56,6 +62,7 @@ class NeighborList:
     mask: jax.Array
     n_pairs: jax.Array
     r_cut: float = struct.field(pytree_node=False)
+    row_capacity: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def capacity(self) -> int:
@@ -74,6 +81,40 @@ def check_overflow(nl: NeighborList) -> None:
             f"neighbor list overflow: {int(n.max())} pairs within r_cut={nl.r_cut} Å but "
             f"capacity is {nl.capacity}; rebuild with a larger capacity"
         )
+
+
+def with_row_capacity(nl: NeighborList, at_least: int = 0, growth: float = 1.0) -> NeighborList:
+    """``nl`` (concrete, built on the host) with :attr:`NeighborList.row_capacity` set to
+    its largest pair count per atom, grown by ``growth`` and kept ``≥ at_least`` (so that
+    later lists reuse one compiled function)."""
+    senders = np.asarray(nl.senders)[np.asarray(nl.mask)]
+    most = int(np.bincount(senders).max()) if senders.size else 1
+    if senders.size and np.any(np.diff(senders) < 0):
+        return nl.replace(row_capacity=None)  # not sorted by sender: no row layout
+    cap = most if most <= at_least else int(np.ceil(most * max(growth, 1.0)))
+    return nl.replace(row_capacity=max(cap, int(at_least), 1))
+
+
+def row_layout(nl: NeighborList, n_atoms: int) -> tuple[jax.Array, jax.Array]:
+    """The pairs of ``nl`` one row per atom (jit-able; needs ``nl.row_capacity``).
+
+    Returns ``(rows, fits)``: ``rows`` ``(n_atoms, row_capacity)`` int32 indices into the
+    list's pairs, ``capacity`` (one past the end) in unused slots, so that ``x_ext[rows]``
+    with ``x_ext = concatenate([x, [0]])`` arranges any per-pair ``x`` by centre atom;
+    ``fits`` ``()`` bool, False when an atom has more pairs than a row holds or the real
+    pairs are not sorted by sender (then ``rows`` is incomplete: sum by scatter instead).
+    """
+    cap, width = nl.capacity, int(nl.row_capacity)
+    senders = jnp.where(nl.mask, nl.senders, n_atoms)  # padding after every atom
+    counts = jax.ops.segment_sum(nl.mask.astype(jnp.int32), nl.senders, num_segments=n_atoms)
+    start = jnp.cumsum(counts) - counts
+    e = jnp.arange(cap, dtype=jnp.int32)
+    rank = e - jnp.take(start, nl.senders)
+    ok = nl.mask & (rank >= 0) & (rank < width)
+    slot = jnp.where(ok, nl.senders * width + rank, n_atoms * width)
+    rows = jnp.full((n_atoms * width,), cap, jnp.int32).at[slot].set(e, mode="drop")
+    fits = jnp.all(counts <= width) & jnp.all(senders[1:] >= senders[:-1])
+    return rows.reshape(n_atoms, width), fits
 
 
 def _pad_pairs(i, j, s, capacity: int, dtype) -> dict[str, Any]:
@@ -202,6 +243,7 @@ def compact(
         mask=valid,
         n_pairs=n_pairs,
         r_cut=float(r_cut),
+        row_capacity=nl.row_capacity,  # pairs only leave, in order: still a bound
     )
 
 

@@ -29,7 +29,7 @@ from flax import struct
 
 from celli_scale import models as models_mod
 from celli_scale.models import Graph, ModelConfig, ModelOutput
-from celli_scale.neighbors import NeighborList, compact, neighbor_list
+from celli_scale.neighbors import NeighborList, compact, neighbor_list, with_row_capacity
 from celli_scale.strain import energy_forces_stress
 from celli_scale.system import Batch, System
 
@@ -191,6 +191,7 @@ class Potential:
         self._zmap[np.asarray(self.config.species)] = np.arange(self.config.n_species)
         self._edge_capacity = 0
         self._elec_capacity = 0
+        self._elec_row_capacity = 0  # pairs per atom of the electrostatics lists (rows)
         efs = partial(energy_and_derivatives, model)
         #: The compiled kernel ``evaluate(params, graph, stress=False) -> (energy, forces,
         #: stress, ModelOutput)`` (:func:`energy_and_derivatives`, jitted; ``stress`` is
@@ -283,6 +284,7 @@ class Potential:
         """Size the next graph exactly (no spare edges from earlier, larger structures)."""
         self._edge_capacity = 0
         self._elec_capacity = 0
+        self._elec_row_capacity = 0  # pairs per atom of the electrostatics lists (rows)
 
     def batch_graphs(
         self,
@@ -320,12 +322,23 @@ class Potential:
         def elec_cap(g: Graph) -> int:
             return 0 if g.elec_neighbors is None else g.elec_neighbors.senders.shape[0]
 
-        return [
+        graphs = [
             g
             if g.senders.shape[0] == caps[0] and elec_cap(g) in (0, caps[1])
             else self.graph(s, n_atoms=n_pad, edge_capacity=caps[0], elec_params=e)
             for g, s, e in zip(graphs, systems, elec, strict=True)
         ]
+        # one row capacity for all, so that the graphs stack (a larger one is still a bound)
+        rows = [g.elec_neighbors.row_capacity for g in graphs if g.elec_neighbors is not None]
+        if rows:
+            most = None if None in rows else max(rows)
+            graphs = [
+                g.replace(elec_neighbors=g.elec_neighbors.replace(row_capacity=most))
+                if g.elec_neighbors is not None
+                else g
+                for g in graphs
+            ]
+        return graphs
 
     def batch_graph(
         self, systems: Sequence[System], n_atoms: int | None = None, sigma_max: float | None = None
@@ -436,6 +449,8 @@ class Potential:
             system, params.r_cut, capacity=self._elec_capacity, growth=self.capacity_growth
         )
         self._elec_capacity = max(self._elec_capacity, nl.capacity)
+        nl = with_row_capacity(nl, self._elec_row_capacity, self.capacity_growth)
+        self._elec_row_capacity = max(self._elec_row_capacity, nl.row_capacity or 0)
         return nl
 
     # -- evaluation ---------------------------------------------------------------------
@@ -594,6 +609,8 @@ class Potential:
                     capacity=max(cap, min_capacity[1]) or None,
                     growth=self.capacity_growth,
                 )
+                rows = old.graph.elec_neighbors.row_capacity if keep else None
+                elec_nl = with_row_capacity(elec_nl, rows or 0, self.capacity_growth)
                 counts.append(_pairs_within(system, elec_nl, elec_params.r_cut))
         caps = tuple(max(int(np.ceil(c * self.capacity_growth)), 1) for c in counts)
         if old is not None and len(old.caps) == len(caps):

@@ -351,11 +351,11 @@ def solve_arrays(
         cons = jnp.asarray(group_charges, dt)
     el_mask = None if mask is None else real
 
+    # the kernel, stencil and influence function once for every product of the solve
+    phi_of = el.potential_operator(positions, cell, sigma, params, neighbors, el_mask)
+
     def apply_a(q):
-        phi = el.potential_arrays(
-            positions, cell, q, sigma, params, neighbors=neighbors, mask=el_mask
-        )
-        return jnp.where(real, hard * q + phi, q)
+        return jnp.where(real, hard * q + phi_of(q), q)
 
     b = -chi
     if method == "dense":

@@ -226,3 +226,42 @@ def test_dense_jit_builder_refuses_huge_searches():
     build = nb.neighbor_list_fn(3.0, 10)
     with pytest.raises(ValueError, match="GiB"):
         jax.eval_shape(build, jax.ShapeDtypeStruct((200_000, 3), np.float64))
+
+
+def test_row_layout_sums_like_a_scatter_and_flags_what_does_not_fit():
+    """Pairs one row per atom: per-atom sums equal segment_sum over the flat list (host
+    list, and a Verlet list packed in jit); a row capacity below the largest count, or
+    pairs out of sender order, give fits=False."""
+    s = _random_system("triclinic", 40, 5)
+    nl = cs.neighbors.with_row_capacity(nb.neighbor_list(s, 4.0, capacity=4000))
+    counts = np.bincount(np.asarray(nl.senders)[np.asarray(nl.mask)], minlength=40)
+    assert nl.row_capacity == counts.max()
+    x = np.random.default_rng(0).normal(size=nl.capacity)
+    x = np.where(np.asarray(nl.mask), x, 0.0)
+    ref = np.asarray(jax.ops.segment_sum(x, nl.senders, num_segments=40))
+
+    def row_sums(lst):
+        rows, fits = nb.row_layout(lst, 40)
+        return np.asarray(np.concatenate([x, [0.0]])[np.asarray(rows)].sum(axis=1)), bool(fits)
+
+    got, fits = row_sums(nl)
+    assert fits and np.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert not row_sums(nl.replace(row_capacity=int(counts.max()) - 1))[1]
+    perm = np.random.default_rng(1).permutation(nl.capacity)
+    shuffled = nl.replace(
+        senders=nl.senders[perm], receivers=nl.receivers[perm], mask=nl.mask[perm]
+    )
+    assert not bool(nb.row_layout(shuffled, 40)[1])
+    # grown by growth, never below at_least
+    assert cs.neighbors.with_row_capacity(nl, growth=1.5).row_capacity == int(
+        np.ceil(counts.max() * 1.5)
+    )
+    assert cs.neighbors.with_row_capacity(nl, at_least=500).row_capacity == 500
+    # a Verlet list packed inside jit keeps sender order: rows still fit
+    verlet = cs.neighbors.with_row_capacity(nb.neighbor_list(s, 4.5))
+    packed = jax.jit(lambda p: nb.compact(verlet, p, s.cell, 4.0, nl.capacity))(s.positions)
+    assert packed.row_capacity == verlet.row_capacity
+    rows, fits = nb.row_layout(packed, 40)
+    d2 = np.sum(np.asarray(nb.edge_vectors(s.positions, s.cell, packed)) ** 2, axis=1)
+    assert bool(fits) and int(packed.n_pairs) == int(nl.n_pairs)
+    assert np.all(d2[np.asarray(packed.mask)] < 16.0)

@@ -26,6 +26,7 @@ from celli_scale.electrostatics.api import (
     energy_arrays,
     potential,
     potential_arrays,
+    potential_operator,
     real_space_neighbors,
 )
 from celli_scale.electrostatics.limits import (
@@ -60,6 +61,7 @@ __all__ = [
     "estimate_resources",
     "potential",
     "potential_arrays",
+    "potential_operator",
     "prepare",
     "real_space_neighbors",
 ]

@@ -199,6 +199,50 @@ def potential_arrays(
     return _evaluate(positions, cell, charges, sigma, params, neighbors, mask, "phi")
 
 
+def potential_operator(
+    positions: jax.Array,
+    cell: jax.Array | None,
+    sigma: jax.Array | None,
+    params: ElectrostaticsParams,
+    neighbors: NeighborList | None = None,
+    mask: jax.Array | None = None,
+):
+    """The linear map ``q ↦ φ`` of :func:`potential_arrays` for a fixed geometry, with
+    what does not depend on the charges computed once: the real-space pair kernel
+    (arranged one row per atom when ``neighbors.row_capacity`` is set) and the PME spline
+    stencil and influence function. For many products with the same positions (the
+    Qeq's CG iterations); equal to :func:`potential_arrays` to round-off and
+    differentiable the same way (through the closed-over geometry)."""
+    n = jnp.shape(positions)[0]
+    dtype = jnp.asarray(positions).dtype
+    positions, cell, _, sigma, mask = _inputs(
+        positions, cell, jnp.zeros((n,), dtype), sigma, params, mask
+    )
+    if not params.periodic or neighbors is None:
+        return lambda q: _compute(
+            positions, cell, jnp.where(mask, q, 0.0), sigma, mask, params, neighbors, "phi"
+        )
+    alpha = params.alpha
+    volume = jnp.abs(jnp.linalg.det(cell))
+    real = ewald.real_space_operator(
+        positions, cell, sigma, alpha, neighbors, mask, r_cut=params.r_cut
+    )
+    if params.method == "pme":
+        recip = pme.operator(positions, cell, alpha, params.grid, params.order, params.bsp_moduli)
+    else:
+        kvecs = params.kvecs.astype(positions.dtype)
+
+        def recip(q):
+            return ewald.reciprocal(positions, cell, q, alpha, kvecs, "phi", params.kbox)
+
+    def apply(q):
+        q = jnp.where(mask, q, 0.0)
+        phi_self = ewald.self_and_background_potential(q, sigma, alpha, volume)
+        return jnp.where(mask, real(q) + recip(q) + phi_self, 0.0)
+
+    return apply
+
+
 def energy_arrays(
     positions: jax.Array,
     cell: jax.Array | None,

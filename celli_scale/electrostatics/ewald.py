@@ -21,7 +21,7 @@ import numpy as np
 from jax.scipy.special import erfc
 
 from celli_scale.electrostatics.params import EWALD_BOX_ELEMENTS
-from celli_scale.neighbors import NeighborList, edge_vectors
+from celli_scale.neighbors import NeighborList, edge_vectors, row_layout
 from celli_scale.units import COULOMB
 
 # elements of an (N, k-chunk) block of the reciprocal sum (bounds memory; the block body
@@ -40,12 +40,12 @@ def pair_kernel(r, alpha, s_i, s_j):
     return k / r
 
 
-def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, want, r_cut=None):
-    """Real-space part over a (full, directed) neighbor list: φ (N,) or energy ().
+def real_space_kernel(positions, cell, sigma, alpha, nl: NeighborList, mask, r_cut=None):
+    """``(E,)`` real-space pair kernel of every listed pair (1/Å, 0 on padding and on
+    pairs beyond ``r_cut``).
 
     A list built to a longer cut-off than ``r_cut`` (a Verlet list with a skin) has its
     pairs beyond ``r_cut`` masked, so the result does not depend on the skin."""
-    n = positions.shape[0]
     i, j = nl.senders, nl.receivers
     pm = nl.mask & mask[i] & mask[j]
     vec = edge_vectors(positions, cell, nl)
@@ -55,10 +55,41 @@ def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, w
     r = jnp.sqrt(jnp.where(pm, r2, 1.0))
     s_i = None if sigma is None else sigma[i]
     s_j = None if sigma is None else sigma[j]
-    kern = jnp.where(pm, pair_kernel(r, alpha, s_i, s_j), 0.0)
+    return jnp.where(pm, pair_kernel(r, alpha, s_i, s_j), 0.0)
+
+
+def real_space_pairs(positions, cell, q, sigma, alpha, nl: NeighborList, mask, want, r_cut=None):
+    """Real-space part over a (full, directed) neighbor list: φ (N,) or energy ()."""
+    kern = real_space_kernel(positions, cell, sigma, alpha, nl, mask, r_cut)
+    i, j = nl.senders, nl.receivers
     if want == "phi":
-        return COULOMB * jax.ops.segment_sum(kern * q[j], i, num_segments=n)
+        return COULOMB * jax.ops.segment_sum(kern * q[j], i, num_segments=positions.shape[0])
     return 0.5 * COULOMB * jnp.sum(q[i] * kern * q[j])
+
+
+def real_space_operator(positions, cell, sigma, alpha, nl: NeighborList, mask, r_cut=None):
+    """``q ↦ φ`` (V) of the real-space part with the pair kernel computed once, for
+    repeated products with the same geometry (the Qeq's CG iterations). With
+    ``nl.row_capacity`` the pairs are arranged one row per atom
+    (:func:`celli_scale.neighbors.row_layout`) and each product is a gather and a row sum;
+    a list that outgrew its rows (or has none) is summed by scatter."""
+    kern = real_space_kernel(positions, cell, sigma, alpha, nl, mask, r_cut)
+    n = positions.shape[0]
+    i, j = nl.senders, nl.receivers
+
+    def by_scatter(q):
+        return COULOMB * jax.ops.segment_sum(kern * q[j], i, num_segments=n)
+
+    if nl.row_capacity is None:
+        return by_scatter
+    rows, fits = row_layout(nl, n)
+    k_rows = jnp.concatenate([kern, jnp.zeros((1,), kern.dtype)])[rows]
+    j_rows = jnp.concatenate([j, jnp.zeros((1,), j.dtype)])[rows]
+
+    def by_rows(q):
+        return COULOMB * jnp.sum(k_rows * q[j_rows], axis=1)
+
+    return lambda q: jax.lax.cond(fits, by_rows, by_scatter, q)
 
 
 def wrap_positions(positions, cell):

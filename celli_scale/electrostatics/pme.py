@@ -61,18 +61,32 @@ def influence(cell, alpha, grid, moduli):
     return jnp.where(nonzero, g, 0.0)
 
 
+def _spread_and_solve(flat, wt, g, q, grid):
+    size = grid[0] * grid[1] * grid[2]
+    charge_grid = (
+        jnp.zeros(size, wt.dtype).at[flat.reshape(-1)].add((wt * q[:, None]).reshape(-1))
+    ).reshape(grid)
+    return charge_grid, jnp.fft.irfftn(jnp.fft.rfftn(charge_grid) * g, s=grid)
+
+
 def reciprocal(positions, cell, q, alpha, grid, order, moduli, want):
     """PME reciprocal part: φ (N,) in V or energy () in eV."""
     flat, wt = spline_stencil(positions, cell, grid, order)
-    size = grid[0] * grid[1] * grid[2]
-    charge_grid = (
-        jnp.zeros(size, positions.dtype)
-        .at[flat.reshape(-1)]
-        .add((wt * q[:, None]).reshape(-1))
-        .reshape(grid)
-    )
     g = influence(cell, alpha, grid, moduli)
-    phi_grid = jnp.fft.irfftn(jnp.fft.rfftn(charge_grid) * g, s=grid)
+    charge_grid, phi_grid = _spread_and_solve(flat, wt, g, q, grid)
     if want == "phi":
         return COULOMB * jnp.sum(wt * phi_grid.reshape(-1)[flat], axis=1)
     return 0.5 * COULOMB * jnp.sum(charge_grid * phi_grid)
+
+
+def operator(positions, cell, alpha, grid, order, moduli):
+    """``q ↦ φ`` (V) of the reciprocal part with the spline stencil and the influence
+    function computed once (repeated products with the same geometry)."""
+    flat, wt = spline_stencil(positions, cell, grid, order)
+    g = influence(cell, alpha, grid, moduli)
+
+    def apply(q):
+        _, phi_grid = _spread_and_solve(flat, wt, g, q, grid)
+        return COULOMB * jnp.sum(wt * phi_grid.reshape(-1)[flat], axis=1)
+
+    return apply
