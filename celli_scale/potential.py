@@ -41,6 +41,14 @@ MANIFEST_FILE = "manifest.json"
 #: Default Verlet skin (Å) of ``pot(system)``'s neighbor lists: lists are rebuilt on the host
 #: only once an atom has moved half of it (about 50 MD steps of 0.01 Å).
 DEFAULT_SKIN = 1.0
+#: Head-room of the packed model-edge capacity of ``pot(system)`` over the pairs within
+#: the cut-off when the lists are built (at most ``capacity_growth``): every padded slot
+#: costs as much as a real edge (10 % head-room made the N = 1000 call ~12 % slower than
+#: the exact kernel, bench/RESULTS.md), while the count moves by well under 1 % between
+#: rebuilds in MD. An overflow redoes the call with PACK_GROWTH times the pairs found (and
+#: compiles once more); the rows of the electrostatics lists grow by the same factor.
+PACK_HEADROOM = 1.03
+PACK_GROWTH = 1.05
 #: Version tag of the saved-potential layout, stored in the manifest.
 SAVE_FORMAT = "celli_scale.potential/1"
 
@@ -114,10 +122,13 @@ def energy_and_derivatives(
 
 
 def compact_graph(graph: Graph, r_cut: float, caps: tuple) -> tuple[Graph, jax.Array]:
-    """``graph`` with its Verlet lists (model edges; electrostatics pairs of a periodic
-    charge model) packed to the pairs within ``r_cut`` and the electrostatics cut-off,
-    in ``caps`` slots (:func:`celli_scale.neighbors.compact`); and the pair counts, which
-    the caller compares with ``caps`` (overflow: redo with more). Jit-able."""
+    """``graph`` with its Verlet list of model edges packed to the pairs within ``r_cut``
+    in ``caps[0]`` slots (:func:`celli_scale.neighbors.compact`); and the pair count,
+    which the caller compares with ``caps`` (overflow: redo with more). Jit-able.
+
+    The electrostatics list of a charge model stays as built (to its cut-off plus the
+    skin): its real-space sum masks the pairs beyond the cut-off, and packing it cost
+    more than the masked pairs (measured, bench/RESULTS.md)."""
     cell = graph.cell
     edges = NeighborList(
         senders=graph.senders,
@@ -131,12 +142,7 @@ def compact_graph(graph: Graph, r_cut: float, caps: tuple) -> tuple[Graph, jax.A
     graph = graph.replace(
         senders=c.senders, receivers=c.receivers, shifts=c.shifts, edge_mask=c.mask
     )
-    counts = [c.n_pairs]
-    if graph.elec_neighbors is not None:
-        e = compact(graph.elec_neighbors, graph.positions, cell, graph.elec_params.r_cut, caps[1])
-        graph = graph.replace(elec_neighbors=e)
-        counts.append(e.n_pairs)
-    return graph, jnp.stack(counts)
+    return graph, jnp.stack([c.n_pairs])
 
 
 class Potential:
@@ -213,8 +219,8 @@ class Potential:
 
         #: ``evaluate_verlet(params, graph, caps, stress=False) -> (energy, forces, stress,
         #: ModelOutput, pair counts)``: the kernel of ``pot(system)``. ``graph`` holds
-        #: Verlet lists (cut-offs + :attr:`skin`), packed inside the call to the pairs
-        #: within the cut-offs (``caps``: model edges, electrostatics pairs; static).
+        #: Verlet lists (cut-offs + :attr:`skin`); the model edges are packed inside the
+        #: call to the pairs within the cut-off (``caps``: ``(model edges,)``; static).
         self.evaluate_verlet = jax.jit(verlet, static_argnames=("caps", "stress"))
 
     # -- construction -------------------------------------------------------------------
@@ -472,8 +478,8 @@ class Potential:
         displacement check and copying the positions while no atom has moved more than
         half the skin since the lists were built (same atoms, species and cell); then the
         lists are rebuilt, keeping the electrostatics parameters while the cell is the
-        same. Pairs are packed to the cut-offs inside the compiled call; when more exist
-        than its capacity holds, the capacity grows and the call is redone."""
+        same. The model edges are packed to the cut-off inside the compiled call; when more
+        exist than its capacity holds, the capacity grows and the call is redone."""
         self.stats["calls"] += 1
         pos = np.asarray(system.positions, dtype=float)
         st = self._verlet
@@ -509,9 +515,9 @@ class Potential:
                     st.charges = res[3].charges
                 return result
             self.stats["overflows"] += 1
-            # at least 10 % head-room: with capacity_growth 1 (exact lists) every extra pair
-            # would recompile the kernel
-            growth = max(self.capacity_growth, 1.1)
+            # 5 % more: with capacity_growth 1 (exact lists) every extra pair would
+            # recompile the kernel
+            growth = PACK_GROWTH
             st.caps = tuple(
                 max(cap, int(np.ceil(c * growth))) for c, cap in zip(counts, st.caps, strict=True)
             )
@@ -610,9 +616,9 @@ class Potential:
                     growth=self.capacity_growth,
                 )
                 rows = old.graph.elec_neighbors.row_capacity if keep else None
-                elec_nl = with_row_capacity(elec_nl, rows or 0, self.capacity_growth)
-                counts.append(_pairs_within(system, elec_nl, elec_params.r_cut))
-        caps = tuple(max(int(np.ceil(c * self.capacity_growth)), 1) for c in counts)
+                elec_nl = with_row_capacity(elec_nl, rows or 0, PACK_GROWTH)
+        head = min(self.capacity_growth, PACK_HEADROOM)
+        caps = tuple(max(int(np.ceil(c * head)), 1) for c in counts)
         if old is not None and len(old.caps) == len(caps):
             caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
         graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
