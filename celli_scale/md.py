@@ -8,8 +8,9 @@ Units: positions Å, energies eV, masses amu, time fs (ASE's internal time unit 
 integrator: ``dt_internal = dt_fs * ase.units.fs``), temperatures K (``kT = k_B T`` in eV).
 
 Neighbor lists. The model's edges (and CELLI's electrostatics pairs in periodic cells) are
-Verlet lists built to the cut-off plus ``skin`` and packed to the cut-off inside each step
-(:func:`celli_scale.potential.compact_graph`). They are rebuilt *inside* the compiled loop
+Verlet lists built to the cut-off plus ``skin``; the edges are packed to the cut-off inside
+each step (:func:`celli_scale.potential.compact_graph`), the electrostatics pairs beyond
+their cut-off are masked by the real-space sum. They are rebuilt *inside* the compiled loop
 (``neighbors="jit"``, a dense search over atoms and periodic images,
 :func:`celli_scale.neighbors.neighbor_list_fn`) as soon as an atom has moved half the skin
 since the last build; for systems where that dense search would not fit in memory
