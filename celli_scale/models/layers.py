@@ -281,10 +281,11 @@ def _conv_plan(irreps_in: str, irreps_y: str, keep: tuple[str, ...]):
 # Per-edge (C, D) @ (D, K) products with D, K ≤ ~25: XLA's CPU batched dot runs one tiny
 # matrix product per edge; its transpose in the backward pass of NequIP's and MACE's last
 # layers was the most expensive single op of their energy + forces (~110 of ~600 ms for
-# NequIP at N = 1000). The forward is written as D broadcast multiply-adds (one fused loop)
-# and the backward uses the forms that measured fastest here. Written by hand because no
-# library we use has a faster CPU kernel for it (e3nn-jax's tensor products loop over
-# paths with the same batched dots).
+# NequIP at N = 1000). The forward is written as D broadcast multiply-adds (one fused loop),
+# and so is the gradient of xe; the gradient of m is a broadcast-reduce for wide outputs
+# (MACE), but stays the batched dot for narrow ones (NequIP: no form we tried measured
+# faster there). Written by hand because no library we use has a faster CPU kernel for
+# it (e3nn-jax's tensor products loop over paths with the same batched dots).
 @jax.custom_vjp
 def edge_matmul(xe: jax.Array, m: jax.Array) -> jax.Array:
     """``out[e, c, k] = Σ_i xe[e, c, i] m[e, i, k]``, i.e. ``einsum("eci,eik->eck")``.
