@@ -145,6 +145,10 @@ USER_GRID_N: tuple[int, ...] = (3,) if QUICK else (10, 16)  # 1000 / 4096 atoms
 USER_MD_STEP = 0.01
 USER_FRESH_DISPLACEMENT = 0.25  # per axis: up to 0.43 Å per site
 USER_CALLS = 4 if QUICK else 12  # prepared structures cycled through by the timed calls
+#: ``pot(Batch)`` on the user's path: USER_BATCH structures of USER_BATCH_GRID_N³ atoms
+#: (NaCl grids with other rattles), moved as in the "md" pattern.
+USER_BATCH = 2 if QUICK else 4
+USER_BATCH_GRID_N: tuple[int, ...] = (3,) if QUICK else (8,)  # 4 x 512 atoms
 
 #: asv timing settings for one jitted evaluation (warm-up happens in setup).
 TIMEOUT_S = 120.0 if QUICK else 3600.0
@@ -211,6 +215,8 @@ __all__ = [
     "SHARDED_STRONG_N",
     "SHARDED_WEAK_M",
     "TIMEOUT_S",
+    "USER_BATCH",
+    "USER_BATCH_GRID_N",
     "USER_CALLS",
     "USER_FRESH_DISPLACEMENT",
     "USER_GRID_N",

@@ -11,6 +11,9 @@ one device. Two call patterns (:data:`bench._common.USER_MD_STEP`,
 * ``fresh``: every call is a new structure in the same cell (sites displaced up to
   0.43 Å): lists rebuilt on the host each call, electrostatics parameters kept.
 
+``BatchCall`` is the same for ``pot(Batch)`` (:data:`bench._common.USER_BATCH` structures
+moved as in ``md``), against the stacked kernel ``pot.evaluate_batch`` on exact lists.
+
 ``time_call`` times one public call (host work + compiled kernel + the output's transfer),
 warm; ``track_call_over_kernel`` is call / kernel, the kernel (``pot.evaluate``) timed on a
 prepared graph with exact lists (min of the calls and of 3 kernel runs; goal ≤ 1.05 for
@@ -27,6 +30,8 @@ import numpy as np
 from bench._common import (
     MODELS,
     TIMEOUT_S,
+    USER_BATCH,
+    USER_BATCH_GRID_N,
     USER_CALLS,
     USER_FRESH_DISPLACEMENT,
     USER_GRID_N,
@@ -101,6 +106,117 @@ class PotentialCall:
         return calls / kernel
 
     track_call_over_kernel.unit = "ratio"  # type: ignore[attr-defined]
+
+
+def batches(grid_n: int, n_structures: int, calls: int) -> list:
+    """``calls`` batches of ``n_structures`` NaCl grids (other rattles), every atom moved
+    by USER_MD_STEP Å per call (a fresh random direction each call)."""
+    from celli_scale import Batch
+
+    base = [nacl_grid(grid_n, rattle=0.05, seed=k) for k in range(n_structures)]
+    rng = np.random.default_rng(1)
+    pos = [np.asarray(s.positions) for s in base]
+    out = []
+    for _ in range(calls):
+        steps = [rng.normal(size=p.shape) for p in pos]
+        pos = [
+            p + USER_MD_STEP * d / np.linalg.norm(d, axis=1, keepdims=True)
+            for p, d in zip(pos, steps, strict=True)
+        ]
+        moved = [s.replace(positions=p) for s, p in zip(base, pos, strict=True)]
+        out.append(Batch.from_systems(moved))
+    return out
+
+
+def batch_kernel(pot, batch):
+    """The stacked kernel on exact lists of ``batch`` (prepared graph) and the graph."""
+    g = pot.batch_graph(list(batch), sigma_max=pot.sigma_bound())
+    return (lambda: jax.block_until_ready(pot.evaluate_batch(pot.params, g, stress=True))), g
+
+
+class BatchCall:
+    """``pot(Batch)`` per model in the ``md`` pattern, float32."""
+
+    params = (list(MODELS), list(USER_BATCH_GRID_N))
+    param_names = ("model", "grid_n")
+    timeout = TIMEOUT_S
+    number = 1
+    repeat = (1, 5, 120.0)
+    warmup_time = 0.0
+
+    def setup(self, model: str, grid_n: int) -> None:
+        self.pot = build_potential(config_for(model, "float32"))
+        self.batches = batches(grid_n, USER_BATCH, USER_CALLS)
+        call_seconds(self.pot, self.batches)  # compile; lists and capacities settle
+        self.k = 0
+
+    def time_call(self, model: str, grid_n: int) -> None:
+        b = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        out = self.pot(b)
+        np.asarray(out.energy), np.asarray(out.forces)
+
+    def track_call_over_kernel(self, model: str, grid_n: int) -> float:
+        """Public call / stacked kernel on exact lists, min over the calls of each."""
+        calls = min(call_seconds(self.pot, self.batches))
+        run, _ = batch_kernel(self.pot, self.batches[-1])
+        run()
+        return calls / min(_timed(run) for _ in range(3))
+
+    track_call_over_kernel.unit = "ratio"  # type: ignore[attr-defined]
+
+
+def batch_report(
+    grid_n: int = USER_BATCH_GRID_N[-1],
+    n_structures: int = USER_BATCH,
+    repeats: int = 3,
+    calls: int = USER_CALLS,
+    dtype: str = "float32",
+) -> list[dict]:
+    """``pot(Batch)`` with Verlet lists kept (default skin) and rebuilt each call (skin 0),
+    and the stacked kernel on exact lists, every model interleaved, min seconds
+    (``python -m bench.bench_user_path --batch [--float64] [N]``)."""
+    bs = batches(grid_n, n_structures, calls)
+    pots = {}
+    for m in MODELS:
+        for skin in ("kept", "rebuilt"):
+            pot = build_potential(config_for(m, dtype))
+            if skin == "rebuilt":
+                pot.skin = 0.0
+            call_seconds(pot, bs)  # compile, settle
+            pots[m, skin] = pot
+    kernels = {m: batch_kernel(pots[m, "kept"], bs[-1])[0] for m in MODELS}
+    for run in kernels.values():
+        run()
+    best = {k: np.inf for k in [*pots, *((m, "kernel") for m in MODELS)]}
+    for _ in range(repeats):
+        for m in MODELS:  # interleaved
+            for skin in ("kept", "rebuilt"):
+                best[m, skin] = min(best[m, skin], min(call_seconds(pots[m, skin], bs)))
+            best[m, "kernel"] = min(best[m, "kernel"], _timed(kernels[m]))
+    rows = []
+    for m in MODELS:
+        k = best[m, "kernel"]
+        row = dict(
+            model=m,
+            dtype=dtype,
+            n_structures=n_structures,
+            n_atoms=grid_n**3,
+            call_kept_s=best[m, "kept"],
+            call_rebuilt_s=best[m, "rebuilt"],
+            kernel_s=k,
+            kept_over_kernel=best[m, "kept"] / k,
+            rebuilt_over_kernel=best[m, "rebuilt"] / k,
+        )
+        rows.append(row)
+        print(
+            f"{m:8s} {n_structures} x {grid_n**3} atoms  call (lists kept) "
+            f"{row['call_kept_s']:.4f} s  (rebuilt) {row['call_rebuilt_s']:.4f} s  kernel "
+            f"{k:.4f} s  kept/kernel {row['kept_over_kernel']:.3f}  rebuilt/kernel "
+            f"{row['rebuilt_over_kernel']:.3f}",
+            flush=True,
+        )
+    return rows
 
 
 def _timed(fn) -> float:
@@ -214,6 +330,11 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "--tp-mixing":
         print(json.dumps(tp_mixing_report(*(int(x) for x in args[1:])), indent=1))
+    elif args and args[0] == "--batch":
+        dt = "float64" if "--float64" in args else "float32"
+        sizes = [int(x) for x in args[1:] if not x.startswith("--")] or list(USER_BATCH_GRID_N)
+        for n in sizes:
+            print(json.dumps(batch_report(n, dtype=dt), indent=1), flush=True)
     elif args and args[0] == "--warm-start":
         dt = "float64" if "--float64" in args else "float32"
         sizes = [int(x) for x in args[1:] if not x.startswith("--")] or [10]

@@ -183,6 +183,7 @@ class Potential:
         self.skin = skin
         self.warm_start = bool(warm_start)
         self._verlet: _VerletState | None = None
+        self._verlet_batch: _VerletState | None = None  # pot(Batch)'s, kept apart
         #: Bytes one ``pot(system)`` call may use (None: 85 % of the memory available,
         #: :func:`celli_scale.memory.available_memory_bytes`). A structure whose compiled
         #: program needs more is evaluated in chunks (sub-bricks of the domain
@@ -222,6 +223,14 @@ class Potential:
         #: Verlet lists (cut-offs + :attr:`skin`); the model edges are packed inside the
         #: call to the pairs within the cut-off (``caps``: ``(model edges,)``; static).
         self.evaluate_verlet = jax.jit(verlet, static_argnames=("caps", "stress"))
+
+        def verlet_batch(p, graphs, caps, stress=False):
+            return jax.lax.map(lambda g: verlet(p, g, caps, stress=stress), graphs)
+
+        #: ``evaluate_verlet_batch(params, graphs, caps, stress=False)``: the kernel of
+        #: ``pot(Batch)``, :attr:`evaluate_verlet` over a stacked graph (pair counts
+        #: ``(B, 1)``).
+        self.evaluate_verlet_batch = jax.jit(verlet_batch, static_argnames=("caps", "stress"))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -307,20 +316,7 @@ class Potential:
         electrostatics must serve (default ``elec_sigma_max``, any width training may
         reach; ``pot(Batch)`` passes :meth:`sigma_bound`)."""
         n_pad = max(s.n_atoms for s in systems) if n_atoms is None else int(n_atoms)
-        elec: list[Any] = [None] * len(systems)
-        if self.is_charge_model:
-            from celli_scale.electrostatics.params import unify
-
-            cells = [np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell) for s in systems]
-            elec = [self.elec_params(s, sigma_max=sigma_max) for s in systems]
-            methods = {p.method for p in elec}
-            if len(methods) > 1 and "direct" not in methods:
-                # "auto" picked Ewald for the small cells and PME for the large: all take
-                # the method of the largest structure
-                big = max(range(len(systems)), key=lambda i: systems[i].n_atoms)
-                elec = [self.elec_params(s, elec[big].method, sigma_max) for s in systems]
-            smax = getattr(self.config, "elec_sigma_max", None) if sigma_max is None else sigma_max
-            elec = unify(elec, cells, float(smax or 0.0))
+        elec = self._batch_elec_params(systems, sigma_max)
         pairs = zip(systems, elec, strict=True)
         graphs = [self.graph(s, n_atoms=n_pad, elec_params=e) for s, e in pairs]
         caps = self.capacities
@@ -345,6 +341,24 @@ class Potential:
                 for g in graphs
             ]
         return graphs
+
+    def _batch_elec_params(self, systems: Sequence[System], sigma_max: float | None) -> list:
+        """One set of electrostatics shapes for ``systems`` (charge models; else Nones):
+        :func:`celli_scale.electrostatics.params.unify` of each structure's parameters."""
+        if not self.is_charge_model:
+            return [None] * len(systems)
+        from celli_scale.electrostatics.params import unify
+
+        cells = [np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell) for s in systems]
+        elec = [self.elec_params(s, sigma_max=sigma_max) for s in systems]
+        methods = {p.method for p in elec}
+        if len(methods) > 1 and "direct" not in methods:
+            # "auto" picked Ewald for the small cells and PME for the large: all take
+            # the method of the largest structure
+            big = max(range(len(systems)), key=lambda i: systems[i].n_atoms)
+            elec = [self.elec_params(s, elec[big].method, sigma_max) for s in systems]
+        smax = getattr(self.config, "elec_sigma_max", None) if sigma_max is None else sigma_max
+        return unify(elec, cells, float(smax or 0.0))
 
     def batch_graph(
         self, systems: Sequence[System], n_atoms: int | None = None, sigma_max: float | None = None
@@ -522,17 +536,18 @@ class Potential:
                 max(cap, int(np.ceil(c * growth))) for c, cap in zip(counts, st.caps, strict=True)
             )
 
-    def _kernel(self, graph: Graph, caps: tuple, stress: bool):
-        """``(compiled, bytes needed)`` of :attr:`evaluate_verlet` for these shapes
-        (compiled once, kept)."""
+    def _kernel(self, graph: Graph, caps: tuple, stress: bool, batched: bool = False):
+        """``(compiled, bytes needed)`` of :attr:`evaluate_verlet` (``batched``:
+        :attr:`evaluate_verlet_batch`) for these shapes (compiled once, kept)."""
         from celli_scale import memory
 
         leaves, tree = jax.tree_util.tree_flatten(graph)
-        key = (tree, tuple((x.shape, x.dtype) for x in leaves), caps, stress)
+        key = (tree, tuple((x.shape, x.dtype) for x in leaves), caps, stress, batched)
         if key not in self._kernels:
             if len(self._kernels) >= 16:  # many shapes seen: keep the memory bounded
                 self._kernels.clear()
-            lowered = self.evaluate_verlet.lower(self.params, graph, caps=caps, stress=stress)
+            fn = self.evaluate_verlet_batch if batched else self.evaluate_verlet
+            lowered = fn.lower(self.params, graph, caps=caps, stress=stress)
             compiled = lowered.compile()
             self._kernels[key] = (compiled, memory.compiled_bytes(compiled))
         return self._kernels[key]
@@ -657,25 +672,152 @@ class Potential:
         return float(min(np.max(sig) * (1 + 1e-6), float(smax)))
 
     def _call_batch(self, batch: Batch) -> PotentialOutput:
-        systems = list(batch)
         n_pad = batch.n_atoms_padded
-        periodic = [_has_volume(s) for s in systems]
+        cells = np.asarray(batch.cell, dtype=float)
+        periodic = [
+            any(p) and abs(np.linalg.det(c)) > 0.0 for p, c in zip(batch.pbc, cells, strict=True)
+        ]
         if any(periodic) and not all(periodic):
             # mixed periodic/open batches differ in outputs (stress, dipole) and, for
             # charge models, in electrostatics method: evaluate one by one, padded
-            outs = [self._single(s, n_pad) for s in systems]
-            outs = [
-                o
-                if o.stress is not None
-                else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
-                for o in outs
-            ]
-            if any(o.dipole is not None for o in outs):  # open and periodic CELLI mixed
-                nan3 = jnp.full((3,), jnp.nan, outs[0].energy.dtype)
-                outs = [o if o.dipole is not None else o.replace(dipole=nan3) for o in outs]
-            return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
+            return self._one_by_one(list(batch), n_pad)
+        if self.skin > 0:
+            return self._verlet_batch_call(batch, stress=all(periodic))
+        systems = list(batch)
         stacked = self.batch_graph(systems, n_atoms=n_pad, sigma_max=self.sigma_bound())
         return self._output(*self.evaluate_batch(self.params, stacked, stress=all(periodic)))
+
+    def _one_by_one(self, systems: list[System], n_pad: int) -> PotentialOutput:
+        """Structures evaluated one at a time on graphs padded to ``n_pad`` atoms, the
+        outputs stacked (NaN stress / dipole where a structure has none)."""
+        outs = [self._single(s, n_pad) for s in systems]
+        outs = [
+            o
+            if o.stress is not None
+            else o.replace(stress=jnp.full((3, 3), jnp.nan, o.energy.dtype))
+            for o in outs
+        ]
+        if any(o.dipole is not None for o in outs):  # open and periodic CELLI mixed
+            nan3 = jnp.full((3,), jnp.nan, outs[0].energy.dtype)
+            outs = [o if o.dipole is not None else o.replace(dipole=nan3) for o in outs]
+        return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
+
+    def _verlet_batch_call(self, batch: Batch, stress: bool) -> PotentialOutput:
+        """``pot(Batch)`` on Verlet lists kept between calls, as :meth:`_verlet_call` for
+        one structure: while the batch holds the same structures (atom counts, species,
+        cells) and no atom has moved half the skin since the lists were built, a call
+        copies the positions and runs one compiled call over the stacked graph (model
+        edges packed inside it; an overflow grows the capacity and redoes the call).
+        Otherwise every structure's lists are rebuilt on the host, keeping the unified
+        electrostatics parameters while the cells and widths are the same."""
+        self.stats["calls"] += 1
+        pos = np.asarray(batch.positions, dtype=float)
+        mask = np.asarray(batch.mask)
+        key = _batch_key(batch)
+        st = self._verlet_batch
+        sigma = self.sigma_bound()
+        if (
+            st is None
+            or st.key != key
+            or (sigma is not None and sigma > st.sigma)
+            or np.max(np.sum((pos - st.reference) ** 2, axis=-1)[mask], initial=0.0)
+            >= (0.5 * self.skin) ** 2
+        ):
+            st = self._verlet_batch = self.verlet_batch_state(batch, st)
+            self.stats["rebuilds"] += 1
+        dtype = self.config.jnp_dtype
+        graph = st.graph.replace(
+            positions=jnp.asarray(pos, dtype=dtype),
+            total_charge=jnp.asarray(np.asarray(batch.total_charge, float), dtype=dtype),
+            charges_guess=st.charges if self.warm_start else None,
+        )
+        while True:
+            kernel, need = self._kernel(graph, st.caps, stress, batched=True)
+            if need > self._byte_limit():
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "a batch of %d structures needs about %.3g GiB in one call: evaluating "
+                    "them one at a time",
+                    batch.n_systems,
+                    need / 2**30,
+                )
+                self._verlet_batch = None
+                return self._one_by_one(list(batch), batch.n_atoms_padded)
+            *res, counts = kernel(self.params, graph)
+            counts = tuple(int(c) for c in np.max(np.asarray(counts), axis=0))
+            if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
+                result = self._output(*res)
+                if st.charges is not None:
+                    st.charges = res[3].charges
+                return result
+            self.stats["overflows"] += 1
+            st.caps = tuple(
+                max(cap, int(np.ceil(c * PACK_GROWTH)))
+                for c, cap in zip(counts, st.caps, strict=True)
+            )
+
+    def verlet_batch_state(self, batch: Batch, old: _VerletState | None = None) -> _VerletState:
+        """What ``pot(Batch)`` keeps between calls (:meth:`verlet_state` for a batch): the
+        stacked graph of ``batch``'s structures, Verlet lists to the cut-offs
+        plus :attr:`skin` with one capacity (kept from ``old`` for the same structures),
+        the unified electrostatics parameters (kept from ``old`` while cells and widths
+        are the same), the packed capacity of model edges per structure and the
+        warm-start charges ``(B, A)``."""
+        skin = self.skin
+        systems = list(batch)
+        n_pad = batch.n_atoms_padded
+        key = _batch_key(batch)
+        same = old is not None and old.key == key
+        sigma = self.sigma_bound()
+        if (
+            self.is_charge_model
+            and same
+            and old.graph.elec_params is not None
+            and (sigma is None or sigma <= old.sigma)
+        ):
+            elec, sigma = old.elec, old.sigma
+        else:
+            elec = self._batch_elec_params(systems, sigma)
+
+        def lists(r_cut: float, old_cap: int) -> list[NeighborList]:
+            nls = [
+                neighbor_list(s, r_cut, capacity=old_cap or None, growth=self.capacity_growth)
+                for s in systems
+            ]
+            cap = max(nl.capacity for nl in nls)
+            return [_padded(nl, cap) for nl in nls]
+
+        nls = lists(self.config.r_cut + skin, old.graph.senders.shape[-1] if same else 0)
+        counts = [
+            max(_pairs_within(s, nl, self.config.r_cut) for s, nl in zip(systems, nls, strict=True))
+        ]
+        elec_nls: list[Any] = [None] * len(systems)
+        if elec[0] is not None and elec[0].periodic:
+            keep = same and old.graph.elec_neighbors is not None and elec is old.elec
+            cap = old.graph.elec_neighbors.senders.shape[-1] if keep else 0
+            elec_nls = lists(elec[0].r_cut + skin, cap)
+            rows = old.graph.elec_neighbors.row_capacity if keep else None
+            elec_nls = [with_row_capacity(nl, rows or 0, PACK_GROWTH) for nl in elec_nls]
+            row_caps = [nl.row_capacity for nl in elec_nls]
+            most = None if None in row_caps else max(row_caps)
+            elec_nls = [nl.replace(row_capacity=most) for nl in elec_nls]
+        head = min(self.capacity_growth, PACK_HEADROOM)
+        caps = tuple(max(int(np.ceil(c * head)), 1) for c in counts)
+        if old is not None and len(old.caps) == len(caps):
+            caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
+        graphs = [
+            self._assemble(s, n_pad, nl, e, enl)
+            for s, nl, e, enl in zip(systems, nls, elec, elec_nls, strict=True)
+        ]
+        graph = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
+        charges = None
+        if self.is_charge_model:
+            charges = old.charges if same else None
+            if charges is None:
+                charges = jnp.zeros((len(systems), n_pad), self.config.jnp_dtype)
+        pos = np.asarray(batch.positions, dtype=float)
+        return _VerletState(key, pos, graph, caps, sigma, charges, elec)
 
     def _output(self, energy, forces, stress, out: ModelOutput) -> PotentialOutput:
         self.check_output(out)
@@ -857,6 +999,7 @@ class _VerletState:
     caps: tuple
     sigma: float | None = None
     charges: Any = None
+    elec: Any = None  # pot(Batch): the per-structure electrostatics parameters
 
 
 def structure_key(system: System) -> tuple:
@@ -867,6 +1010,35 @@ def structure_key(system: System) -> tuple:
         np.asarray(system.species).tobytes(),
         None if system.cell is None else np.asarray(system.cell, float).tobytes(),
         tuple(system.pbc),
+    )
+
+
+def _batch_key(batch: Batch) -> tuple:
+    """:func:`structure_key` of a whole batch: ``(shape, species, mask, cells, pbc)``."""
+    return (
+        tuple(batch.positions.shape),
+        np.asarray(batch.species).tobytes(),
+        np.asarray(batch.mask).tobytes(),
+        np.asarray(batch.cell, float).tobytes(),
+        batch.pbc,
+    )
+
+
+def _padded(nl: NeighborList, capacity: int) -> NeighborList:
+    """The host list ``nl`` padded (masked slots) to ``capacity`` pairs (≥ its own)."""
+    extra = capacity - nl.capacity
+    if extra == 0:
+        return nl
+
+    def pad(x):
+        x = np.asarray(x)
+        return jnp.asarray(np.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)))
+
+    return nl.replace(
+        senders=pad(nl.senders),
+        receivers=pad(nl.receivers),
+        shifts=pad(nl.shifts),
+        mask=pad(nl.mask),
     )
 
 

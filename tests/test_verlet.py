@@ -235,3 +235,103 @@ def test_celli_warm_start_same_result_fewer_iterations():
     a, b = pots[True](small), pots[False](small)
     assert int(a.qeq_iterations) == int(b.qeq_iterations)
     np.testing.assert_allclose(a.charges, b.charges, atol=1e-8)
+
+
+# -- pot(Batch) --------------------------------------------------------------------------
+def batch_structures(name: str) -> list[cs.System]:
+    """Three structures of different sizes (and, periodic, different cells)."""
+    out = [
+        rocksalt(2, rattle=0.1, seed=1),
+        rocksalt(1, a=5.9, rattle=0.1, seed=2),
+        rocksalt(1, rattle=0.1, seed=3),
+    ]
+    if name == "celli-open":
+        out = [cs.System(s.positions, s.species, total_charge=float(k)) for k, s in enumerate(out)]
+    return out
+
+
+def exact_batch(pot, batch: cs.Batch):
+    """The plain batch path: fresh exact lists, the electrostatics parameters unified for
+    the current widths (as ``pot(Batch)`` prepares them)."""
+    g = pot.batch_graph(list(batch), n_atoms=batch.n_atoms_padded, sigma_max=pot.sigma_bound())
+    return pot.evaluate_batch(pot.params, g, stress=all(any(p) for p in batch.pbc))
+
+
+def assert_same_batch(pot, systems, n_atoms=None) -> None:
+    batch = cs.Batch.from_systems(systems, n_atoms=n_atoms)
+    o = pot(batch)
+    e, f, st, out = exact_batch(pot, batch)
+    np.testing.assert_allclose(o.energy, e, rtol=1e-10, atol=1e-10)
+    assert relative_error(o.forces, f) < 1e-10
+    if st is not None:
+        assert relative_error(o.stress, st) < 1e-10
+    if out.charges is not None:
+        np.testing.assert_allclose(o.charges, out.charges, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batch_keeps_verlet_lists_and_matches_fresh_lists(name):
+    """``pot(Batch)`` keeps Verlet lists between calls like ``pot(system)``: along moves
+    of every structure each call equals the plain batch path on fresh exact lists, the
+    host rebuilds only every few calls, one compiled kernel (plus one per overflow); a
+    batch of other structures (or another padding) rebuilds."""
+    systems = batch_structures(name)
+    pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=systems[0], skin=0.6)
+    rng = np.random.default_rng(0)
+    pos = [np.asarray(s.positions) for s in systems]
+    for _ in range(6):
+        pos = [p + rng.normal(0, 0.05, p.shape) for p in pos]
+        moved = [s.replace(positions=p) for s, p in zip(systems, pos, strict=True)]
+        assert_same_batch(pot, moved, 20)
+    assert pot.stats["calls"] == 6
+    assert 1 < pot.stats["rebuilds"] < 6
+    assert len(pot._kernels) == 1 + pot.stats["overflows"]
+    rebuilds = pot.stats["rebuilds"]
+    moved = [s.replace(positions=p) for s, p in zip(systems, pos, strict=True)]
+    assert_same_batch(pot, moved[::-1], 20)  # other order: other structures per slot
+    assert pot.stats["rebuilds"] == rebuilds + 1
+    assert_same_batch(pot, moved[::-1])  # padded to 16, not 20
+    assert pot.stats["rebuilds"] == rebuilds + 2
+    assert pot._verlet is None  # pot(Batch) keeps its own state, not pot(system)'s
+
+
+def test_batch_overflow_grows_capacity_and_redoes_the_call():
+    """Exact capacities, then one structure of the batch gains a pair within the cut-off
+    without a rebuild: the call is redone with more slots, the result the exact one."""
+    systems = batch_structures("allegro")
+    skin = 1.2
+    cfg = CONFIGS["allegro"]
+    pot = cs.Potential.from_config(cfg, seed=0, example=systems[0], skin=skin, capacity_growth=1.0)
+    pot(cs.Batch.from_systems(systems))
+    caps = pot._verlet_batch.caps
+    # the largest structure sets the packed capacity: pull a pair into it
+    systems[0] = systems[0].replace(positions=pulled_in(systems[0], pot.config.r_cut, skin))
+    assert_same_batch(pot, systems)
+    assert pot.stats["rebuilds"] == 1 and pot.stats["overflows"] == 1
+    assert pot._verlet_batch.caps[0] > caps[0]
+
+
+def test_batch_celli_warm_start_same_result_fewer_iterations():
+    """CELLI's CG solves in ``pot(Batch)`` start from the previous call's charges: the
+    same charges within the tolerance as cold solves, in fewer iterations."""
+    cfg = dict(CONFIGS["celli-ewald"], qeq_method="cg", qeq_tol=1e-10)
+    systems = batch_structures("celli-ewald")
+    pots = {
+        w: cs.Potential.from_config(cfg, seed=0, example=systems[0], warm_start=w)
+        for w in (True, False)
+    }
+    rng = np.random.default_rng(3)
+    iters = {True: 0, False: 0}
+    for k in range(4):
+        moved = [
+            s.replace(positions=np.asarray(s.positions) + rng.normal(0, 0.01, (s.n_atoms, 3)) * k)
+            for s in systems
+        ]
+        batch = cs.Batch.from_systems(moved)
+        out = {w: pot(batch) for w, pot in pots.items()}
+        np.testing.assert_allclose(out[True].charges, out[False].charges, atol=1e-8)
+        np.testing.assert_allclose(out[True].energy, out[False].energy, rtol=1e-8)
+        if k:
+            for w in pots:
+                iters[w] += int(np.sum(out[w].qeq_iterations))
+    assert 0 < iters[True] < iters[False]
