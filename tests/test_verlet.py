@@ -274,7 +274,7 @@ def test_batch_keeps_verlet_lists_and_matches_fresh_lists(name):
     """``pot(Batch)`` keeps Verlet lists between calls like ``pot(system)``: along moves
     of every structure each call equals the plain batch path on fresh exact lists, the
     host rebuilds only every few calls, one compiled kernel (plus one per overflow); a
-    batch of other structures (or another padding) rebuilds."""
+    batch of other structures (or another padding) rebuilds (Allegro)."""
     systems = batch_structures(name)
     pot = cs.Potential.from_config(CONFIGS[name], seed=0, example=systems[0], skin=0.6)
     rng = np.random.default_rng(0)
@@ -286,6 +286,8 @@ def test_batch_keeps_verlet_lists_and_matches_fresh_lists(name):
     assert pot.stats["calls"] == 6
     assert 1 < pot.stats["rebuilds"] < 6
     assert len(pot._kernels) == 1 + pot.stats["overflows"]
+    if name != "allegro":
+        return  # the rebuild rules below do not depend on the model (compiles saved)
     rebuilds = pot.stats["rebuilds"]
     moved = [s.replace(positions=p) for s, p in zip(systems, pos, strict=True)]
     assert_same_batch(pot, moved[::-1], 20)  # other order: other structures per slot
