@@ -153,8 +153,8 @@ class Potential:
       params: its flax parameters.
       capacity_growth: head-room factor for edge capacities, so that MD steps reuse one
         compiled function (padding never changes a result).
-      skin: Verlet skin (Å) of the lists ``pot(system)`` keeps between calls (0: build
-        exact lists on every call).
+      skin: Verlet skin (Å) of the lists ``pot(system)`` and ``pot(Batch)`` keep between
+        calls (0: build exact lists on every call).
       warm_start: CELLI: start ``pot(system)``'s CG Qeq solve from the charges of the
         previous call on the same structure (changes results only within the solver
         tolerance ``qeq_tol``; False makes every call independent of the previous ones).
@@ -191,8 +191,9 @@ class Potential:
         self.max_bytes: int | None = None
         self._kernels: dict[tuple, tuple[Any, int]] = {}
         self._chunked: tuple[tuple, Any] | None = None
-        #: Counters of ``pot(system)`` calls: ``calls``, ``rebuilds`` (host neighbor-list
-        #: builds), ``overflows`` (compaction capacity grown and the call redone).
+        #: Counters of ``pot(system)`` and ``pot(Batch)`` calls: ``calls``, ``rebuilds``
+        #: (host neighbor-list builds), ``overflows`` (compaction capacity grown and the
+        #: call redone).
         self.stats = {"calls": 0, "rebuilds": 0, "overflows": 0}
         self._zmap = np.full(119, -1, dtype=np.int32)
         self._zmap[np.asarray(self.config.species)] = np.arange(self.config.n_species)
