@@ -501,14 +501,7 @@ class Potential:
         key = structure_key(system)
         if self._chunked is not None and self._chunked[0] == key:
             return self._chunked[1](system)  # too large for one pass: its decomposition
-        sigma = self.sigma_bound()
-        if (
-            st is None
-            or st.key != key
-            or (sigma is not None and sigma > st.sigma)
-            or np.max(np.sum((pos - st.reference) ** 2, axis=1), initial=0.0)
-            >= (0.5 * self.skin) ** 2
-        ):
+        if self._stale(st, key, pos):
             st = self._verlet = self.verlet_state(system, st)
             self.stats["rebuilds"] += 1
         dtype = self.config.jnp_dtype
@@ -517,14 +510,42 @@ class Potential:
             total_charge=jnp.asarray(float(system.total_charge), dtype=dtype),
             charges_guess=st.charges if self.warm_start else None,
         )
-        stress = _has_volume(system)
+        out = self._evaluate_kept(st, graph, _has_volume(system))
+        if isinstance(out, int):  # too large for one pass
+            return self._chunked_call(system, key, out)
+        return out
+
+    def _stale(self, st: _VerletState | None, key: tuple, pos: np.ndarray, mask=None) -> bool:
+        """Whether the kept state ``st`` cannot serve positions ``pos`` (Å; ``mask``: the
+        real atoms of a padded batch) of the structure(s) ``key``: none kept yet, other
+        structures, Gaussians wider than it was prepared for, or an atom that has moved
+        half the skin since the lists were built."""
+        if st is None or st.key != key:
+            return True
+        sigma = self.sigma_bound()
+        if sigma is not None and sigma > st.sigma:
+            return True
+        d2 = np.sum((pos - st.reference) ** 2, axis=-1)
+        if mask is not None:
+            d2 = d2[mask]
+        return bool(np.max(d2, initial=0.0) >= (0.5 * self.skin) ** 2)
+
+    def _evaluate_kept(
+        self, st: _VerletState, graph: Graph, stress: bool, batched: bool = False
+    ) -> PotentialOutput | int:
+        """The compiled call on the kept lists (:attr:`evaluate_verlet`, ``batched``:
+        :attr:`evaluate_verlet_batch`). When the model edges within the cut-off outnumber
+        the packed capacity, the capacity grows and the call is redone. Returns the bytes
+        the compiled program needs instead when that is over :meth:`_byte_limit` (the
+        caller falls back)."""
         while True:
-            kernel, need = self._kernel(graph, st.caps, stress)
+            kernel, need = self._kernel(graph, st.caps, stress, batched)
             if need > self._byte_limit():
-                return self._chunked_call(system, key, need)
+                return int(need)
             *res, counts = kernel(self.params, graph)
-            counts = tuple(int(c) for c in np.asarray(counts))
-            if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
+            # (caps,) for one structure, (B, caps) for a batch: the largest per capacity
+            counts = np.asarray(counts).reshape(-1, len(st.caps)).max(axis=0)
+            if all(int(c) <= cap for c, cap in zip(counts, st.caps, strict=True)):
                 result = self._output(*res)
                 if st.charges is not None:  # the next call's warm start (stays on device)
                     st.charges = res[3].charges
@@ -532,9 +553,9 @@ class Potential:
             self.stats["overflows"] += 1
             # 5 % more: with capacity_growth 1 (exact lists) every extra pair would
             # recompile the kernel
-            growth = PACK_GROWTH
             st.caps = tuple(
-                max(cap, int(np.ceil(c * growth))) for c, cap in zip(counts, st.caps, strict=True)
+                max(cap, int(np.ceil(int(c) * PACK_GROWTH)))
+                for c, cap in zip(counts, st.caps, strict=True)
             )
 
     def _kernel(self, graph: Graph, caps: tuple, stress: bool, batched: bool = False):
@@ -716,14 +737,7 @@ class Potential:
         mask = np.asarray(batch.mask)
         key = _batch_key(batch)
         st = self._verlet_batch
-        sigma = self.sigma_bound()
-        if (
-            st is None
-            or st.key != key
-            or (sigma is not None and sigma > st.sigma)
-            or np.max(np.sum((pos - st.reference) ** 2, axis=-1)[mask], initial=0.0)
-            >= (0.5 * self.skin) ** 2
-        ):
+        if self._stale(st, key, pos, mask):
             st = self._verlet_batch = self.verlet_batch_state(batch, st)
             self.stats["rebuilds"] += 1
         dtype = self.config.jnp_dtype
@@ -732,31 +746,19 @@ class Potential:
             total_charge=jnp.asarray(np.asarray(batch.total_charge, float), dtype=dtype),
             charges_guess=st.charges if self.warm_start else None,
         )
-        while True:
-            kernel, need = self._kernel(graph, st.caps, stress, batched=True)
-            if need > self._byte_limit():
-                import logging
+        out = self._evaluate_kept(st, graph, stress, batched=True)
+        if isinstance(out, int):
+            import logging
 
-                logging.getLogger(__name__).warning(
-                    "a batch of %d structures needs about %.3g GiB in one call: evaluating "
-                    "them one at a time",
-                    batch.n_systems,
-                    need / 2**30,
-                )
-                self._verlet_batch = None
-                return self._one_by_one(list(batch), batch.n_atoms_padded)
-            *res, counts = kernel(self.params, graph)
-            counts = tuple(int(c) for c in np.max(np.asarray(counts), axis=0))
-            if all(c <= cap for c, cap in zip(counts, st.caps, strict=True)):
-                result = self._output(*res)
-                if st.charges is not None:
-                    st.charges = res[3].charges
-                return result
-            self.stats["overflows"] += 1
-            st.caps = tuple(
-                max(cap, int(np.ceil(c * PACK_GROWTH)))
-                for c, cap in zip(counts, st.caps, strict=True)
+            logging.getLogger(__name__).warning(
+                "a batch of %d structures needs about %.3g GiB in one call: evaluating "
+                "them one at a time",
+                batch.n_systems,
+                out / 2**30,
             )
+            self._verlet_batch = None
+            return self._one_by_one(list(batch), batch.n_atoms_padded)
+        return out
 
     def verlet_batch_state(self, batch: Batch, old: _VerletState | None = None) -> _VerletState:
         """What ``pot(Batch)`` keeps between calls (:meth:`verlet_state` for a batch): the

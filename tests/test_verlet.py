@@ -337,3 +337,13 @@ def test_batch_celli_warm_start_same_result_fewer_iterations():
             for w in pots:
                 iters[w] += int(np.sum(out[w].qeq_iterations))
     assert 0 < iters[True] < iters[False]
+
+
+def test_batch_over_the_memory_limit_is_evaluated_one_by_one():
+    """A batch whose compiled call needs more than ``pot.max_bytes`` is evaluated one
+    structure at a time (padded), with the plain batch path's results."""
+    systems = batch_structures("allegro")
+    pot = cs.Potential.from_config(CONFIGS["allegro"], seed=0, example=systems[0])
+    pot.max_bytes = 1
+    assert_same_batch(pot, systems)
+    assert pot._verlet_batch is None
