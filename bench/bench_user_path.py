@@ -44,10 +44,11 @@ from bench._common import (
 PATTERNS = ("md", "fresh")
 
 
-def structures(grid_n: int, pattern: str, calls: int):
-    """The systems a benchmark cycles through (seeded)."""
-    base = nacl_grid(grid_n, rattle=0.05, seed=0)
-    rng = np.random.default_rng(1)
+def structures(grid_n: int, pattern: str, calls: int, seed: int = 0):
+    """The systems a benchmark cycles through (seeded; ``seed`` picks the rattle and
+    the moves)."""
+    base = nacl_grid(grid_n, rattle=0.05, seed=seed)
+    rng = np.random.default_rng(1 + seed)
     pos = np.asarray(base.positions)
     out = []
     for _ in range(calls):
@@ -109,23 +110,12 @@ class PotentialCall:
 
 
 def batches(grid_n: int, n_structures: int, calls: int) -> list:
-    """``calls`` batches of ``n_structures`` NaCl grids (other rattles), every atom moved
-    by USER_MD_STEP Å per call (a fresh random direction each call)."""
+    """``calls`` batches of ``n_structures`` NaCl grids (other rattles), each moved as in
+    the ``md`` pattern of :func:`structures`."""
     from celli_scale import Batch
 
-    base = [nacl_grid(grid_n, rattle=0.05, seed=k) for k in range(n_structures)]
-    rng = np.random.default_rng(1)
-    pos = [np.asarray(s.positions) for s in base]
-    out = []
-    for _ in range(calls):
-        steps = [rng.normal(size=p.shape) for p in pos]
-        pos = [
-            p + USER_MD_STEP * d / np.linalg.norm(d, axis=1, keepdims=True)
-            for p, d in zip(pos, steps, strict=True)
-        ]
-        moved = [s.replace(positions=p) for s, p in zip(base, pos, strict=True)]
-        out.append(Batch.from_systems(moved))
-    return out
+    walks = [structures(grid_n, "md", calls, seed=k) for k in range(n_structures)]
+    return [Batch.from_systems(list(step)) for step in zip(*walks, strict=True)]
 
 
 def batch_kernel(pot, batch):

@@ -654,18 +654,31 @@ class Potential:
                 )
                 rows = old.graph.elec_neighbors.row_capacity if keep else None
                 elec_nl = with_row_capacity(elec_nl, rows or 0, PACK_GROWTH)
+        caps = self._packed_caps(counts, old)
+        graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
+        charges = self._kept_charges(old if same else None, (system.n_atoms,))
+        pos = np.asarray(system.positions, dtype=float)
+        return _VerletState(key, pos, graph, caps, sigma, charges)
+
+    def _packed_caps(self, counts: Sequence[int], old: _VerletState | None) -> tuple:
+        """Packed capacities for ``counts`` pairs within the cut-off(s): PACK_HEADROOM
+        (at most ``capacity_growth``) above them, never below ``old``'s (so that a rebuild
+        does not recompile)."""
         head = min(self.capacity_growth, PACK_HEADROOM)
         caps = tuple(max(int(np.ceil(c * head)), 1) for c in counts)
         if old is not None and len(old.caps) == len(caps):
             caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
-        graph = self._assemble(system, system.n_atoms, nl, elec_params, elec_nl)
-        charges = None
-        if self.is_charge_model:  # a guess of zeros is no warm start (one compiled kernel)
-            charges = old.charges if same else None
-            if charges is None:
-                charges = jnp.zeros((system.n_atoms,), self.config.jnp_dtype)
-        pos = np.asarray(system.positions, dtype=float)
-        return _VerletState(key, pos, graph, caps, sigma, charges)
+        return caps
+
+    def _kept_charges(self, same: _VerletState | None, shape: tuple) -> Any:
+        """Charge models: the warm start (e) kept in ``same`` (the state of the same
+        structures), else zeros of ``shape`` (a guess of zeros is no warm start, and one
+        compiled kernel serves both); None for other models."""
+        if not self.is_charge_model:
+            return None
+        if same is not None and same.charges is not None:
+            return same.charges
+        return jnp.zeros(shape, self.config.jnp_dtype)
 
     def sigma_bound(self) -> float | None:
         """The largest Gaussian width (Å) of the current parameters (CELLI: over the
@@ -696,9 +709,7 @@ class Potential:
     def _call_batch(self, batch: Batch) -> PotentialOutput:
         n_pad = batch.n_atoms_padded
         cells = np.asarray(batch.cell, dtype=float)
-        periodic = [
-            any(p) and abs(np.linalg.det(c)) > 0.0 for p, c in zip(batch.pbc, cells, strict=True)
-        ]
+        periodic = [_cell_has_volume(p, c) for p, c in zip(batch.pbc, cells, strict=True)]
         if any(periodic) and not all(periodic):
             # mixed periodic/open batches differ in outputs (stress, dipole) and, for
             # charge models, in electrostatics method: evaluate one by one, padded
@@ -805,20 +816,13 @@ class Potential:
             row_caps = [nl.row_capacity for nl in elec_nls]
             most = None if None in row_caps else max(row_caps)
             elec_nls = [nl.replace(row_capacity=most) for nl in elec_nls]
-        head = min(self.capacity_growth, PACK_HEADROOM)
-        caps = tuple(max(int(np.ceil(c * head)), 1) for c in counts)
-        if old is not None and len(old.caps) == len(caps):
-            caps = tuple(max(a, b) for a, b in zip(caps, old.caps, strict=True))
+        caps = self._packed_caps(counts, old)
         graphs = [
             self._assemble(s, n_pad, nl, e, enl)
             for s, nl, e, enl in zip(systems, nls, elec, elec_nls, strict=True)
         ]
         graph = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *graphs)
-        charges = None
-        if self.is_charge_model:
-            charges = old.charges if same else None
-            if charges is None:
-                charges = jnp.zeros((len(systems), n_pad), self.config.jnp_dtype)
+        charges = self._kept_charges(old if same else None, (len(systems), n_pad))
         pos = np.asarray(batch.positions, dtype=float)
         return _VerletState(key, pos, graph, caps, sigma, charges, elec)
 
@@ -1059,9 +1063,14 @@ def _pairs_within(system: System, nl, r_cut: float) -> int:
 def _has_volume(system: System) -> bool:
     """Stress ``(1/V) ∂E/∂ε`` needs a periodic cell with a volume: a slab written with
     ASE's zero vector along its open axis has none (its stress is None, not ±inf)."""
-    if not system.periodic:
+    return _cell_has_volume(system.pbc, system.cell)
+
+
+def _cell_has_volume(pbc: Sequence[bool], cell: Any) -> bool:
+    """:func:`_has_volume` from a structure's ``pbc`` and cell (``None`` or ``(3, 3)`` Å)."""
+    if not any(pbc):
         return False
-    return bool(abs(np.linalg.det(np.asarray(system.cell, dtype=float))) > 0.0)
+    return bool(abs(np.linalg.det(np.asarray(cell, dtype=float))) > 0.0)
 
 
 def _dummy_system(config: ModelConfig) -> System:
