@@ -105,16 +105,52 @@ def row_layout(nl: NeighborList, n_atoms: int) -> tuple[jax.Array, jax.Array]:
     pairs are not sorted by sender (then ``rows`` is incomplete: sum by scatter instead).
     """
     cap, width = nl.capacity, int(nl.row_capacity)
+    slot, fits = _row_slots(nl, n_atoms)
+    e = jnp.arange(cap, dtype=jnp.int32)
+    rows = jnp.full((n_atoms * width,), cap, jnp.int32).at[slot].set(e, mode="drop")
+    return rows.reshape(n_atoms, width), fits
+
+
+def _row_slots(nl: NeighborList, n_atoms: int) -> tuple[jax.Array, jax.Array]:
+    """``(slot, fits)``: each pair's place ``sender * row_capacity + rank`` in the row
+    layout of :func:`row_layout`, and whether every real pair has one. Pairs without a
+    place (padding, or an atom's pairs past its row) get distinct indices past the end,
+    so the slots are unique."""
+    cap, width = nl.capacity, int(nl.row_capacity)
     senders = jnp.where(nl.mask, nl.senders, n_atoms)  # padding after every atom
     counts = jax.ops.segment_sum(nl.mask.astype(jnp.int32), nl.senders, num_segments=n_atoms)
     start = jnp.cumsum(counts) - counts
     e = jnp.arange(cap, dtype=jnp.int32)
     rank = e - jnp.take(start, nl.senders)
     ok = nl.mask & (rank >= 0) & (rank < width)
-    slot = jnp.where(ok, nl.senders * width + rank, n_atoms * width)
-    rows = jnp.full((n_atoms * width,), cap, jnp.int32).at[slot].set(e, mode="drop")
+    slot = jnp.where(ok, nl.senders * width + rank, n_atoms * width + e)
     fits = jnp.all(counts <= width) & jnp.all(senders[1:] >= senders[:-1])
-    return rows.reshape(n_atoms, width), fits
+    return slot, fits
+
+
+def take_senders(x: jax.Array, nl: NeighborList) -> jax.Array:
+    """``x[nl.senders]`` (one row of ``x`` per pair), whose derivative sums each atom's
+    pairs as a row reduction when ``nl.row_capacity`` is set.
+
+    The plain gather's derivative is a scatter-add onto the senders; on a list sorted by
+    sender with hundreds of pairs per atom (the electrostatics' real-space lists) that
+    scatter's updates collide on one atom at a time, which on a GPU serialises the
+    atomics (measured on an H200: 200 ms per scatter of 3M pairs, 97 % of CELLI's
+    energy + forces at 4096 atoms). Here the gather reads each atom's row broadcast
+    over its slots, so the derivative scatters into unique slots (no collisions) and
+    sums the rows. A list that outgrew its rows takes the plain gather."""
+    n = x.shape[0]
+    if nl.row_capacity is None or n * int(nl.row_capacity) + nl.capacity >= 2**31:
+        return x[nl.senders]  # no rows, or slots past int32
+    width = int(nl.row_capacity)
+    slot, fits = _row_slots(nl, n)
+
+    def by_rows(x):
+        wide = jnp.broadcast_to(x[:, None], (n, width, *x.shape[1:]))
+        wide = wide.reshape((n * width, *x.shape[1:]))
+        return wide.at[slot].get(mode="fill", fill_value=0, unique_indices=True)
+
+    return jax.lax.cond(fits, by_rows, lambda x: x[nl.senders], x)
 
 
 def _pad_pairs(i, j, s, capacity: int, dtype) -> dict[str, Any]:
@@ -213,7 +249,7 @@ def neighbor_list_batch(
 def edge_vectors(positions: jax.Array, cell: jax.Array | None, nl: NeighborList) -> jax.Array:
     """``(E, 3)`` vectors ``r_ij`` (Å) from centre ``i`` to neighbour ``j``; differentiable
     w.r.t. positions and cell. Padded entries hold the vector of atom 0 to itself (zero)."""
-    vec = positions[nl.receivers] - positions[nl.senders]
+    vec = positions[nl.receivers] - take_senders(positions, nl)
     if cell is not None:
         vec = vec + nl.shifts.astype(positions.dtype) @ cell
     return vec
