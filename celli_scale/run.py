@@ -9,7 +9,11 @@ atom, the largest force (eV/Å), the stress (eV/Å³ and GPa, ASE's sign convent
 cell is periodic on every axis, the timings (decomposition, first call including the
 compilation, a second warm call) and the decomposition's statistics. ``--out FILE`` writes
 the structure with the results (extended XYZ for ``.xyz``: ``energy`` and ``stress`` in the
-comment line, ``forces`` as a column, as ASE writes them).
+comment line, ``forces`` as a column, as ASE writes them). ``--md STEPS`` then runs NVE
+molecular dynamics over the same decomposition (:class:`celli_scale.md.MD` on the
+``ShardedPotential``; ``--dt``, ``--temperature`` for the initial velocities, seed 0;
+``--trajectory FILE`` for the frames) and reports the energies, the final temperature, the
+drift and the time per step.
 
 Devices: on CPU, JAX sees one device unless ``XLA_FLAGS`` holds
 ``--xla_force_host_platform_device_count``; the command sets that flag itself (replacing a
@@ -95,6 +99,18 @@ def add_parser(sub) -> None:
         help="require the stress: an error unless the cell is periodic on every axis "
         "(without it the stress is still reported whenever it exists)",
     )
+    g = p.add_argument_group("molecular dynamics over the same decomposition (NVE, jax-md)")
+    g.add_argument(
+        "--md", type=int, default=0, metavar="STEPS", help="then run STEPS MD steps (default 0)"
+    )
+    g.add_argument("--dt", type=float, default=1.0, help="MD time step, fs (default 1)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=300.0,
+        help="initial Maxwell-Boltzmann velocities, K (default 300; seed 0)",
+    )
+    g.add_argument("--trajectory", default=None, help="MD frames to this extended-XYZ file")
     # the processes of the run as Ray workers (--devices counts all of theirs)
     ray_launcher.add_cluster_arguments(p)
 
@@ -248,6 +264,12 @@ def main(args: argparse.Namespace) -> int:
     """Run ``celli-scale run``: see the module docstring. Returns 0."""
     if args.chunks < 1:
         raise ValueError(f"--chunks must be a positive integer, got {args.chunks}")
+    if args.md < 0:
+        raise ValueError(f"--md must be a number of steps >= 0, got {args.md}")
+    if not (np.isfinite(args.dt) and args.dt > 0):
+        raise ValueError(f"--dt must be a finite number of fs > 0, got {args.dt}")
+    if not (np.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number of K >= 0, got {args.temperature}")
     if not (np.isfinite(args.skin) and args.skin >= 0):
         raise ValueError(f"--skin must be a finite number of Å >= 0, got {args.skin}")
     mesh_shape, n_devices = parse_mesh(args.mesh, args.devices)
@@ -277,7 +299,7 @@ def _main_on_ray(args: argparse.Namespace, n_devices: int, ray_opts: dict[str, A
     from celli_scale.distributed import ray_launcher
 
     opts = {k: getattr(args, k) for k in RAY_TASK_ARGS}
-    for k in ("structure", "model", "out"):  # the workers' working directory is not ours
+    for k in ("structure", "model", "out", "trajectory"):  # the workers' cwd is not ours
         if opts[k] is not None:
             opts[k] = str(Path(opts[k]).absolute())
     workers = ray_opts["num_workers"]
@@ -295,6 +317,7 @@ def _main_on_ray(args: argparse.Namespace, n_devices: int, ray_opts: dict[str, A
 #: The ``run`` options a Ray worker needs.
 RAY_TASK_ARGS = (
     "structure", "model", "devices", "mesh", "chunks", "skin", "frame", "format", "out", "stress",
+    "md", "dt", "temperature", "trajectory",
 )  # fmt: skip
 
 
@@ -345,6 +368,8 @@ def _evaluate(
     out, t_first = _timed(sp, system)
     out, t_warm = _timed(sp, system)
     stress = None if out.stress is None else np.asarray(out.stress, dtype=float)
+    # every process steps the MD (each force call is collective); process 0 reports
+    md_lines = _md_lines(args, sp, system, leader) if args.md else []
     if not leader:
         return []
 
@@ -369,4 +394,30 @@ def _evaluate(
         )
         io.write(args.out, result)
         lines.append(f"wrote {args.out}")
+    return lines + md_lines
+
+
+def _md_lines(args: argparse.Namespace, sp: Any, system: Any, leader: bool) -> list[str]:
+    """``--md``: NVE from ``--temperature`` over the decomposition (every process steps
+    the same replicated state; the forces come from all of them); process 0 writes
+    ``--trajectory``. The report's MD lines."""
+    from ase.units import kB
+
+    from celli_scale.md import MD, MDConfig
+
+    cfg = MDConfig(ensemble="nve", dt=args.dt, temperature=args.temperature, every=min(args.md, 10))
+    traj = args.trajectory if leader else None
+    res = MD(sp, system, cfg).run(args.md, trajectory=traj, progress=leader)
+    n = system.n_atoms
+    kelvin = 2.0 * float(res.kinetic[-1]) / (3.0 * n * kB)
+    drift = res.drift
+    lines = [
+        f"md: {res.energy.size} steps NVE, dt {args.dt:g} fs, from {args.temperature:g} K: "
+        f"E_pot {float(res.energy[0]):.8f} -> {float(res.energy[-1]):.8f} eV, "
+        f"T {kelvin:.1f} K at the end, drift "
+        + ("-" if drift is None else f"{drift:.3g} eV/atom/ps")
+        + f", {res.wall / max(res.energy.size, 1):.4f} s/step"
+    ]
+    if traj is not None:
+        lines.append(f"wrote {traj}")
     return lines

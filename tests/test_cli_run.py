@@ -137,6 +137,9 @@ def test_too_few_devices_in_process(saved, capsys):
         (["--chunks", "0"], "--chunks must be a positive integer"),
         (["--skin", "-1"], "--skin must be a finite number"),
         (["--frame", "3"], "out of range"),
+        (["--md", "-1"], "--md must be a number of steps >= 0"),
+        (["--md", "2", "--dt", "0"], "--dt must be a finite number of fs > 0"),
+        (["--md", "2", "--temperature", "nan"], "--temperature must be a finite number of K"),
     ],
 )
 def test_run_argument_errors(saved, capsys, extra, message):

@@ -20,6 +20,7 @@ import celli_scale as cs
 from celli_scale import io
 from celli_scale.datasets import nacl_grid
 from celli_scale.distributed import launch
+from celli_scale.md import MD, MDConfig
 from celli_scale.testing import small_allegro_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,19 +188,28 @@ def saved_model_and_structure(tmp_path: Path):
 
 @pytest.mark.slow
 def test_run_command_under_two_processes(tmp_path):
-    """``celli-scale run --devices 2`` as 2 processes of 1 device each: the unsharded
-    potential's numbers (1 process with 2 devices: tests/test_cli_run.py); process 0 alone
-    prints the report and writes --out."""
+    """``celli-scale run --devices 2 --md 4`` as 2 processes of 1 device each: the unsharded
+    potential's numbers (1 process with 2 devices: tests/test_cli_run.py) and its NVE
+    trajectory (``MD`` on the unsharded potential); process 0 alone prints the report and
+    writes --out and --trajectory."""
     ref = saved_model_and_structure(tmp_path)
-    out = tmp_path / "out.xyz"
+    out, traj = tmp_path / "out.xyz", tmp_path / "traj.xyz"
     argv = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
     argv += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
+    argv += ["--md", "4", "--trajectory", str(traj)]
     r = _group(argv, 2)
     report = "\n".join(r.stdout_lines)
     assert "(2 shards)" in report and "processes: 2" in report, report
     assert sum(line.startswith("energy:") for line in r.stdout_lines) == 1, report
+    assert sum(line.startswith("md: 4 steps NVE") for line in r.stdout_lines) == 1, report
     assert "energy:" not in r.stderr_tails[1]  # process 1 printed no report
     assert "wrote" not in r.stderr_tails[1]
+    system = io.read(tmp_path / "nacl.xyz")[0].system
+    cfg = MDConfig(ensemble="nve", dt=1.0, temperature=300.0, every=4)
+    want = MD(cs.Potential.load(tmp_path / "model"), system, cfg).run(4, progress=False)
+    (last,) = io.read(traj)  # one block of 4 steps: one frame
+    np.testing.assert_allclose(last.system.positions, want.frames[-1].positions, rtol=0, atol=1e-7)
+    assert abs(last.energy - float(want.energy[-1])) < 1e-7
     (got,) = io.read(out)
     assert abs(got.energy - float(ref.energy)) < 1e-8
     np.testing.assert_allclose(got.forces, np.asarray(ref.forces), rtol=0, atol=1e-8)

@@ -172,8 +172,9 @@ def test_scaling_study_on_ray_workers_matches_local(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_run_on_ray_workers(cluster, tmp_path):
-    """``celli-scale run --ray-address --num-workers 2 --devices 2``: the structure cut over
-    two Ray workers (one device each) gives the unsharded potential's energy and forces."""
+    """``celli-scale run --ray-address --num-workers 2 --devices 2 --md 2``: the structure
+    cut over two Ray workers (one device each) gives the unsharded potential's energy and
+    forces, and the NVE steps of the same run the trajectory of ``MD`` on it."""
     from celli_scale import io
     from tests.test_multihost_sharded import saved_model_and_structure
 
@@ -182,9 +183,19 @@ def test_sharded_run_on_ray_workers(cluster, tmp_path):
     cmd = [PY, "-m", "celli_scale.cli", "run", str(tmp_path / "nacl.xyz")]
     cmd += ["--model", str(tmp_path / "model"), "--devices", "2", "--out", str(out)]
     cmd += ["--ray-address", cluster[0], "--num-workers", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=cluster[1], timeout=600)
+    cmd += ["--md", "2", "--trajectory", "traj.xyz"]  # relative: the driver's directory
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=cluster[1], timeout=600, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes: 2" in r.stdout and "ray: 2 worker(s)" in r.stdout, r.stdout
     (got,) = io.read(out)
     assert abs(got.energy - float(ref.energy)) < 1e-8
     np.testing.assert_allclose(got.forces, np.asarray(ref.forces), rtol=0, atol=1e-8)
+    from celli_scale.md import MD, MDConfig
+
+    cfg = MDConfig(ensemble="nve", dt=1.0, temperature=300.0, every=2)
+    pot = cs.Potential.load(tmp_path / "model")
+    want = MD(pot, io.read(tmp_path / "nacl.xyz")[0].system, cfg).run(2, progress=False)
+    (last,) = io.read(tmp_path / "traj.xyz")
+    np.testing.assert_allclose(last.system.positions, want.frames[-1].positions, atol=1e-7)

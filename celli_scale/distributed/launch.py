@@ -236,8 +236,9 @@ def listening_addresses(pid: int | str = "self") -> list[str]:
 
 def all_listening_addresses() -> list[str]:
     """``"ip:port"`` of every TCP socket anything in this network namespace listens on
-    (``ss -ltn``), so that a test can compare the listeners before and after it started
-    a cluster whose processes it does not own (Ray's raylets, GCS, workers)."""
+    (read from ``/proc/self/net/tcp*``), so that a test can compare the listeners before
+    and after it started a cluster whose processes it does not own (Ray's raylets, GCS,
+    workers)."""
     return _listeners("self", None)
 
 

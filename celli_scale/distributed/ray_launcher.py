@@ -436,7 +436,10 @@ def add_cluster_arguments(p: Any) -> None:
         help="run on this Ray cluster's workers as one jax.distributed run",
     )
     g.add_argument(
-        "--num-workers", type=int, default=None, help="worker processes (one per node by default)"
+        "--num-workers",
+        type=int,
+        default=None,
+        help="worker processes (default 1; placed one per node while nodes are free)",
     )
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker")
     g.add_argument(
