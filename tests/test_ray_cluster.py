@@ -90,6 +90,26 @@ def test_cli_cluster_errors_are_one_line(tmp_path, capsys, monkeypatch):
     port = launch.free_loopback_port()
     assert main(["train", str(cfg), "--ray-address", f"127.0.0.1:{port}"]) == 2
     assert f"no Ray cluster at 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [cluster] extra were missing
+    assert main(["train", str(cfg), "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {ray_launcher.RAY_MISSING}\n", err
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_holds_fails_fast(cluster, tmp_path):
+    """``--num-workers 3`` on the 2-node, 2-CPU cluster: a one-line error naming the
+    resources, before any worker starts (no hang waiting for a placement)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: allegro}\ndata: {train: x.xyz}\nout: o\n")
+    cmd = [PY, "-m", "celli_scale.cli", "train", str(cfg), "--ray-address", cluster[0]]
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [*cmd, "--num-workers", "3"], capture_output=True, text=True, env=cluster[1], timeout=120
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "3 workers x 1 CPU do not fit the Ray cluster's 2 CPU" in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
 
 
 def _params(out: Path):
